@@ -1,0 +1,42 @@
+"""`loraloop broker` settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.config import AuthConfig, RedisConfig, Section, ServerConfig, TLSConfig
+
+
+class RegistryConfig(Section):
+    max_adapter_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Largest adapter_model.safetensors accepted (bytes); larger uploads get RESOURCE_EXHAUSTED."""
+    keep_last: int = Field(10, ge=1)
+    """Retention: versions kept per adapter name, plus every pinned one."""
+    chunk_bytes: int = Field(1024 * 1024, ge=4096, le=8 * 1024 * 1024)
+    """Default chunk size for fetch streams."""
+    staging_ttl_s: int = Field(600, ge=10)
+    """An upload that stops sending for this long expires (its bytes are dropped)."""
+    max_concurrent_uploads: int = Field(16, ge=1)
+    """Uploads in progress at once; more get RESOURCE_EXHAUSTED (backpressure)."""
+    publish_id_ttl_s: int = Field(86400, ge=60)
+    """How long a publish id is remembered, so a retried publish is not committed twice."""
+    events_maxlen: int = Field(100_000, ge=1000)
+    """Approximate length cap of each adapter's event stream (watch replays from it)."""
+
+
+class BrokerConfig(Section):
+    server: ServerConfig = ServerConfig(port=50050)
+    """gRPC listener."""
+    redis: RedisConfig = RedisConfig()
+    """Redis holding versions, events and adapter bytes."""
+    registry: RegistryConfig = RegistryConfig()
+    """Limits and retention."""
+    auth: AuthConfig = AuthConfig()
+    """Bearer-token auth."""
+    tls: TLSConfig = TLSConfig()
+    """Optional TLS."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+ALIASES = {"port": "server.port", "host": "server.host", "redis-url": "redis.url"}

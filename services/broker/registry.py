@@ -1,0 +1,379 @@
+"""AdapterRegistry: versioned, content-addressed LoRA adapters in Redis.
+
+A publish streams bytes into a staging key (invisible, with a TTL) while they are hashed
+and their safetensors header is checked against the adapter config; the commit is one Lua
+script (fencing check, version assignment, record, event, retention), so concurrent
+publishers can get neither the same number nor a gap, and a failed upload leaves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.broker import scripts
+from services.broker.config import RegistryConfig
+from services.common.config import RedisConfig
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.common.names import validate_name
+from services.common.peft_format import (
+    SafetensorsHeader,
+    check_lora_adapter,
+    parse_adapter_config,
+    parse_safetensors_header,
+)
+from services.common.records import AdapterVersion
+
+log = logging.getLogger(__name__)
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _k(name: str, suffix: str = "") -> str:
+    return f"ll:a:{name}{suffix}"
+
+
+def redis_errors_unavailable(fn):
+    """Report a lost Redis as UNAVAILABLE (callers retry) rather than an internal error."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except _REDIS_DOWN as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class PublishIntent:
+    """The header of a publish, as the client declared it."""
+
+    name: str
+    epoch: int
+    base_model_fingerprint: str
+    learner_step: int
+    adapter_config_json: str
+    size_bytes: int
+    sha256: str
+    publish_id: str = ""
+
+
+class Upload:
+    """One publish in progress: bytes go to a staging key, hashed and checked as they come."""
+
+    def __init__(self, registry: AdapterRegistry, intent: PublishIntent, config: dict) -> None:
+        self.registry, self.intent, self.config = registry, intent, config
+        self.key = f"ll:staging:{uuid.uuid4().hex}"
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._prefix = b""
+        self.header: SafetensorsHeader | None = None
+        self._done = False
+
+    @redis_errors_unavailable
+    async def append(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.received += len(chunk)
+        if self.received > self.intent.size_bytes:
+            raise InvalidArgument(f"upload is longer than the declared {self.intent.size_bytes} bytes")
+        self._hash.update(chunk)
+        if self.header is None:
+            self._prefix += chunk
+            self.header = parse_safetensors_header(self._prefix)
+            if self.header is not None:
+                self._prefix = b""
+        r = self.registry.redis
+        async with r.pipeline(transaction=False) as p:
+            p.append(self.key, chunk)
+            p.expire(self.key, self.registry.cfg.staging_ttl_s)
+            await p.execute()
+
+    @redis_errors_unavailable
+    async def commit(self) -> tuple[AdapterVersion, bool]:
+        """Verify and commit; returns (record, deduplicated)."""
+        i = self.intent
+        if self.received != i.size_bytes:
+            raise InvalidArgument(f"truncated upload: received {self.received} of {i.size_bytes} bytes")
+        digest = self._hash.hexdigest()
+        if digest != i.sha256:
+            raise InvalidArgument(f"sha256 mismatch: declared {i.sha256}, received bytes hash to {digest}")
+        if self.header is None:
+            raise InvalidArgument("upload does not hold a complete safetensors header")
+        if self.header.expected_file_size != i.size_bytes:
+            raise InvalidArgument(
+                f"safetensors header describes {self.header.expected_file_size} bytes, upload has {i.size_bytes}"
+            )
+        spec = check_lora_adapter(self.config, self.header)
+        record = AdapterVersion(
+            name=i.name, version=0, sha256=digest, size_bytes=i.size_bytes,
+            base_model_fingerprint=i.base_model_fingerprint, rank=spec.rank, alpha=spec.alpha,
+            target_modules=spec.target_modules, learner_step=i.learner_step,
+            adapter_config_json=i.adapter_config_json,
+        )
+        reg = self.registry
+        pub_key = _k(i.name, f":pub:{i.publish_id}") if i.publish_id else "ll:unused"
+        res = await reg._commit(
+            keys=[_k(i.name), _k(i.name, ":versions"), _k(i.name, ":events"), self.key,
+                  f"ll:blob:{digest}", f"ll:blobref:{digest}", "ll:names", pub_key, _k(i.name, ":pinned")],
+            args=[i.epoch, i.size_bytes, record.to_json(), i.name, _k(i.name, ":v:"), reg.cfg.keep_last,
+                  reg.cfg.publish_id_ttl_s if i.publish_id else 0, reg.cfg.events_maxlen],
+        )
+        self._done = True
+        status = res[0].decode()
+        if status == "STALE":
+            raise FailedPrecondition(
+                f"stale publisher epoch {i.epoch} for {i.name!r} (current {res[1].decode()}): "
+                "another publisher took the lease"
+            )
+        if status == "SIZE":
+            raise InvalidArgument(f"staged upload has {res[1].decode()} bytes, expected {i.size_bytes} (expired?)")
+        if status == "DUP":
+            if not res[1]:
+                raise NotFound(f"publish {i.publish_id} committed v{res[2].decode()}, since retired")
+            return AdapterVersion.from_json(res[1]), True
+        await reg._wait_replicas()
+        return AdapterVersion.from_json(res[1]), False
+
+    async def abort(self) -> None:
+        """Drop the staged bytes (the TTL covers a broker that dies before this runs)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self.registry.redis.delete(self.key)
+        except _REDIS_DOWN:
+            log.warning("could not delete %s; it expires in %ss", self.key, self.registry.cfg.staging_ttl_s)
+
+
+class AdapterRegistry:
+    def __init__(self, redis: aioredis.Redis, cfg: RegistryConfig, redis_cfg: RedisConfig | None = None) -> None:
+        self.redis = redis
+        self.cfg = cfg
+        self.redis_cfg = redis_cfg or RedisConfig()
+        self._commit = redis.register_script(scripts.COMMIT)
+        self._acquire = redis.register_script(scripts.ACQUIRE)
+        self._pin = redis.register_script(scripts.PIN)
+        self._uploads = 0
+
+    @classmethod
+    def from_config(cls, redis_cfg: RedisConfig, cfg: RegistryConfig, password: str | None) -> AdapterRegistry:
+        r = aioredis.Redis.from_url(redis_cfg.url, password=password or None,
+                                    socket_connect_timeout=5, health_check_interval=10)
+        return cls(r, cfg, redis_cfg)
+
+    async def check_durability(self) -> str:
+        """Verify Redis fsyncs every write, so an acknowledged publish survives a crash."""
+        mode = self.redis_cfg.durability
+        if mode == "off":
+            return "durability check off"
+        try:
+            aof = (await self.redis.config_get("appendonly")).get("appendonly")
+            fsync = (await self.redis.config_get("appendfsync")).get("appendfsync")
+        except ResponseError as e:  # CONFIG may be forbidden by ACL
+            msg = f"cannot read Redis persistence settings ({e})"
+        else:
+            if aof == "yes" and fsync == "always":
+                return "redis durability: appendonly yes, appendfsync always"
+            if self.redis_cfg.wait_replicas > 0:
+                return f"redis durability: WAIT for {self.redis_cfg.wait_replicas} replica(s)"
+            msg = f"Redis has appendonly={aof}, appendfsync={fsync}: an acknowledged publish could be lost"
+        if mode == "require":
+            raise SystemExit(msg + " (configure 'appendonly yes' + 'appendfsync always', or --redis.durability=warn)")
+        log.warning(msg)
+        return msg
+
+    async def _wait_replicas(self) -> None:
+        n = self.redis_cfg.wait_replicas
+        if n > 0:
+            got = await self.redis.wait(n, 5000)
+            if got < n:
+                log.warning("commit reached %d of %d replicas within 5 s", got, n)
+
+    # ---------------------------------------------------------------- publisher side
+
+    @redis_errors_unavailable
+    async def acquire_publisher(self, name: str) -> tuple[int, int]:
+        """New fencing epoch for `name`; returns (epoch, latest_version)."""
+        validate_name(name)
+        epoch, latest = await self._acquire(keys=[_k(name)])
+        return int(epoch), int(latest)
+
+    @redis_errors_unavailable
+    async def begin_upload(self, intent: PublishIntent) -> Upload:
+        validate_name(intent.name)
+        if intent.size_bytes > self.cfg.max_adapter_bytes:
+            raise ResourceExhausted(
+                f"adapter of {intent.size_bytes} bytes exceeds the limit of {self.cfg.max_adapter_bytes}"
+            )
+        if intent.size_bytes < 8:
+            raise InvalidArgument("declared size is too small for a safetensors file")
+        if not _SHA_RE.fullmatch(intent.sha256):
+            raise InvalidArgument("sha256 must be 64 lowercase hex characters")
+        if not intent.base_model_fingerprint or len(intent.base_model_fingerprint) > 128:
+            raise InvalidArgument("base_model_fingerprint is required (at most 128 characters)")
+        if len(intent.publish_id) > 128:
+            raise InvalidArgument("publish_id is at most 128 characters")
+        config = parse_adapter_config(intent.adapter_config_json)
+        current = await self.redis.hget(_k(intent.name), "epoch")
+        if current is None or int(current) != intent.epoch:
+            raise FailedPrecondition(
+                f"stale publisher epoch {intent.epoch} for {intent.name!r} "
+                f"(current {int(current or 0)}): acquire the publisher lease first"
+            )
+        if self._uploads >= self.cfg.max_concurrent_uploads:
+            raise ResourceExhausted(f"{self._uploads} uploads in progress; retry later")
+        return Upload(self, intent, config)
+
+    async def publish(self, intent: PublishIntent, chunks: AsyncIterator[bytes]) -> tuple[AdapterVersion, bool]:
+        """Stage, verify and commit; nothing is left behind when any step fails."""
+        upload = await self.begin_upload(intent)
+        self._uploads += 1
+        try:
+            async for chunk in chunks:
+                await upload.append(chunk)
+            return await upload.commit()
+        finally:
+            self._uploads -= 1
+            await asyncio.shield(upload.abort())
+
+    # ---------------------------------------------------------------- read side
+
+    async def _latest(self, name: str) -> int:
+        return int(await self.redis.hget(_k(name), "latest") or 0)
+
+    @redis_errors_unavailable
+    async def get(self, name: str, version: int = 0) -> AdapterVersion:
+        validate_name(name)
+        v = version or await self._latest(name)
+        if v == 0:
+            raise NotFound(f"adapter {name!r} has no versions")
+        async with self.redis.pipeline(transaction=False) as p:
+            p.get(_k(name, f":v:{v}"))
+            p.sismember(_k(name, ":pinned"), str(v))
+            js, pinned = await p.execute()
+        if js is None:
+            latest = await self._latest(name)
+            why = "never published" if v > latest else "retired by retention"
+            raise NotFound(f"{name}@v{v} not found ({why}; latest is v{latest})")
+        return AdapterVersion.from_json(js, bool(pinned))
+
+    @redis_errors_unavailable
+    async def list_versions(self, name: str) -> tuple[list[AdapterVersion], int]:
+        validate_name(name)
+        versions = await self.redis.zrange(_k(name, ":versions"), 0, -1)
+        pinned = {int(v) for v in await self.redis.smembers(_k(name, ":pinned"))}
+        records = []
+        if versions:
+            for v, js in zip(versions, await self.redis.mget([_k(name, f":v:{int(v)}") for v in versions]), strict=True):
+                if js is not None:
+                    records.append(AdapterVersion.from_json(js, int(v) in pinned))
+        return records, await self._latest(name)
+
+    @redis_errors_unavailable
+    async def list_adapters(self) -> list[tuple[str, int, int, int]]:
+        """(name, latest, live versions, epoch) per adapter name."""
+        out = []
+        for raw in sorted(await self.redis.smembers("ll:names")):
+            name = raw.decode()
+            meta = await self.redis.hgetall(_k(name))
+            live = await self.redis.zcard(_k(name, ":versions"))
+            out.append((name, int(meta.get(b"latest", 0)), live, int(meta.get(b"epoch", 0))))
+        return out
+
+    @redis_errors_unavailable
+    async def read(self, record: AdapterVersion, chunk_bytes: int = 0) -> AsyncIterator[bytes]:
+        """The adapter bytes of `record`, in chunks (a few reads pipelined per round trip)."""
+        chunk = chunk_bytes or self.cfg.chunk_bytes
+        key = f"ll:blob:{record.sha256}"
+        if await self.redis.strlen(key) != record.size_bytes:
+            raise NotFound(f"bytes of {record.ref} are gone (retired while being fetched?)")
+        return self._read_blob(key, record.size_bytes, chunk)
+
+    async def _read_blob(self, key: str, size: int, chunk: int) -> AsyncIterator[bytes]:
+        offsets = list(range(0, size, chunk))
+        for i in range(0, len(offsets), 4):
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    for off in offsets[i : i + 4]:
+                        p.getrange(key, off, min(off + chunk, size) - 1)
+                    parts = await p.execute()
+            except _REDIS_DOWN as e:
+                raise Unavailable(f"redis unavailable during fetch: {e}") from e
+            for part in parts:
+                if not part:
+                    raise NotFound("adapter bytes disappeared during fetch (retired?)")
+                yield part
+
+    @redis_errors_unavailable
+    async def set_pinned(self, name: str, version: int, pinned: bool) -> AdapterVersion | None:
+        """Pin or unpin a live version; returns its record, or None if unpinning retired it."""
+        validate_name(name)
+        v = version or await self._latest(name)
+        ok = await self._pin(keys=[_k(name, ":versions"), _k(name, ":pinned")],
+                             args=[v, 1 if pinned else 0, _k(name, ":v:"), self.cfg.keep_last])
+        if not ok:
+            raise NotFound(f"{name}@v{v} is not a live version")
+        try:
+            return await self.get(name, v)
+        except NotFound:
+            return None
+
+    # ---------------------------------------------------------------- watch
+
+    async def watch(self, after: dict[str, int], block_ms: int = 2000) -> AsyncIterator[tuple[AdapterVersion, bool]]:
+        """Every version committed after `after[name]`, in order per name, then live ones.
+
+        Yields (record, live); `live` is False for versions that were already committed when
+        the watch began. A lost Redis connection is retried for `redis.retry_s` seconds, so a
+        Redis restart does not end the stream; the read resumes from the last id delivered.
+        """
+        for n in after:
+            validate_name(n)
+        cursor = {_k(n, ":events"): f"{v}-0" for n, v in after.items()}
+        latest_at_start = {}
+        for n in after:
+            latest_at_start[_k(n, ":events")] = await self._retrying(self._latest, n)
+        while True:
+            res = await self._retrying(self.redis.xread, cursor, count=256, block=block_ms)
+            for stream, entries in res or []:
+                stream = stream.decode() if isinstance(stream, bytes) else stream
+                for entry_id, fields in entries:
+                    rec = AdapterVersion.from_json(fields[b"record"])
+                    cursor[stream] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    yield rec, rec.version > latest_at_start[stream]
+
+    async def _retrying(self, fn, *args, **kwargs):
+        deadline = asyncio.get_running_loop().time() + self.redis_cfg.retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except _REDIS_DOWN as e:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise Unavailable(f"redis unavailable for {self.redis_cfg.retry_s}s: {e}") from e
+                log.warning("redis unavailable (%s); retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        await self.redis.aclose()

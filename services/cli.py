@@ -1,0 +1,47 @@
+"""`loraloop`: one CLI, a sub-command per service and tool.
+
+Sub-commands are imported only when chosen, and parse their config before importing
+anything heavy, so `loraloop --help` and `loraloop SUB --help` answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv) -> int, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("services.broker.server", "run the adapter registry (gRPC, backed by Redis)"),
+    "adapters": ("services.broker.cli", "list, show, pull, push, pin, unpin adapter versions"),
+    "up": ("services.stack", "bring the local stack up (Redis + broker; more services as they land)"),
+    "bench": ("services.bench", "benchmarks that print their figures (bench broker ...)"),
+    "proto": ("services.common.protogen", "regenerate (gen) or verify (check) the code generated from proto/"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {n:<{width}}  {s}" for n, (_, s) in COMMANDS.items())
+    return (
+        "usage: loraloop COMMAND [ARGS...]\n\n"
+        "RL fine-tuning with LoRA as decoupled gRPC services.\n\n"
+        f"commands:\n{rows}\n\n"
+        "`loraloop COMMAND --help` explains each one."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"loraloop: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""What every loraloop gRPC server shares: one interceptor (bearer-token auth and the
+mapping of domain errors to status codes), grpc.health.v1, reflection, TLS, graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import errors
+from services.common.config import AuthConfig, Role, ServerConfig, TLSConfig
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[errors.LoraloopError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+}
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Which roles may call which method (full method name -> roles). Unlisted: denied."""
+
+    roles_of_method: Mapping[str, frozenset[Role]]
+    token_roles: Mapping[str, Role]
+    enabled: bool = True
+
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> Role | None:
+        if method.startswith(_OPEN_PREFIXES) or not self.enabled:
+            return None
+        auth = next((v for k, v in metadata if k == "authorization"), None)
+        if not isinstance(auth, str) or not auth.startswith("Bearer "):
+            raise errors.Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
+        given = auth[len("Bearer ") :].encode()
+        role = next((r for t, r in self.token_roles.items() if hmac.compare_digest(t.encode(), given)), None)
+        if role is None:
+            raise errors.Unauthenticated("unknown token")
+        if role not in self.roles_of_method.get(method, frozenset()):
+            raise errors.PermissionDenied(f"role {role!r} may not call {method}")
+        return role
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the caller's token, then maps domain errors raised by a handler to statuses."""
+
+    def __init__(self, policy: AccessPolicy) -> None:
+        self.policy = policy
+
+    async def intercept_service(self, continuation, details):  # type: ignore[override]
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method, policy = details.method, self.policy
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unexpected error in %s", method, exc_info=exc)
+                await context.abort(code, f"internal error: {type(exc).__name__}")
+            await context.abort(code, str(exc))
+
+        if handler.response_streaming:
+            inner = handler.unary_stream or handler.stream_stream
+
+            async def streaming(request, context):
+                try:
+                    policy.check(method, context.invocation_metadata() or ())
+                    async for item in inner(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                    else grpc.stream_stream_rpc_method_handler)
+            fn = streaming
+        else:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request, context):
+                try:
+                    policy.check(method, context.invocation_metadata() or ())
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.stream_unary_rpc_method_handler)
+            fn = unary
+        return make(fn, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
+    if not tls.enabled:
+        return None
+    with open(tls.key_file, "rb") as k, open(tls.cert_file, "rb") as c:  # type: ignore[arg-type]
+        pair = [(k.read(), c.read())]
+    ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+    return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass
+class Registration:
+    """One gRPC service to serve: its generated add-function, servicer and full name."""
+
+    add: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+    full_name: str
+
+
+async def serve(
+    services: list[Registration],
+    server_cfg: ServerConfig,
+    auth: AuthConfig,
+    tls: TLSConfig,
+    roles_of_method: Mapping[str, frozenset[Role]],
+    on_started: Callable[[int], None] | None = None,
+    on_stopping: Callable[[], object] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully (running RPCs get `grace_s`)."""
+    token_roles = auth.token_roles() if auth.enabled else {}
+    if auth.enabled and not token_roles:
+        raise SystemExit(
+            f"auth is enabled but no tokens are configured: set {auth.tokens_env}='learner:...,rollout:...'"
+            " (or auth.tokens_file), or pass --auth.enabled=false for local experiments"
+        )
+    policy = AccessPolicy(roles_of_method, token_roles, auth.enabled)
+    opts = [("grpc.max_receive_message_length", server_cfg.max_message_bytes),
+            ("grpc.max_send_message_length", server_cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(policy)], options=opts)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for s in services:
+        s.add(s.servicer, server)
+    names = [s.full_name for s in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    addr = f"{server_cfg.host}:{server_cfg.port}"
+    creds = server_credentials(tls)
+    port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {addr}")
+    await server.start()
+    for n in ["", *names]:
+        await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening on %s:%d (tls=%s, auth=%s)", server_cfg.host, port, tls.enabled, auth.enabled)
+    if on_started:
+        on_started(port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping (grace %.1fs)", server_cfg.grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    if on_stopping:
+        res = on_stopping()
+        if asyncio.iscoroutine(res):
+            await res
+    await server.stop(server_cfg.grace_s)
