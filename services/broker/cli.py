@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _when(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def main(argv: list[str]) -> int:

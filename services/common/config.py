@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Role = Literal["learner", "rollout", "client"]
