@@ -1,0 +1,128 @@
+"""Processes the tests own: a real redis-server and a real `loraloop broker`, each started
+on a free loopback port and stopped by pid (never by name)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+TOKENS = {"learner": "tok-learner", "rollout": "tok-rollout", "client": "tok-client"}
+TOKENS_ENV = ",".join(f"{role}:{tok}" for role, tok in TOKENS.items())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class RedisProc:
+    """redis-server with AOF and appendfsync always, data in `dir`, restartable in place."""
+
+    def __init__(self, workdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
+            time.sleep(0.05)
+        client.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the AOF already holds survives."""
+        _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def restart(self, hard: bool = True) -> None:
+        self.kill() if hard else self.stop()
+        self.start()
+
+
+class BrokerProc:
+    """`loraloop broker` as a subprocess; `restart()` keeps its port."""
+
+    def __init__(self, redis_url: str, workdir: Path, *extra: str, auth: bool = True) -> None:
+        self.port = free_port()
+        self.redis_url, self.workdir, self.extra, self.auth = redis_url, workdir, extra, auth
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "LORALOOP_TOKENS": TOKENS_ENV}
+        args = [sys.executable, "-m", "services.cli", "broker", "--port", str(self.port),
+                "--redis-url", self.redis_url, "--server.grace_s=1", *self.extra]
+        if not self.auth:
+            args.append("--auth.enabled=false")
+        self.log = open(self.workdir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[2])
+        from services.broker.client import BrokerClient
+
+        with BrokerClient(self.target, TOKENS["learner"]) as c:
+            try:
+                c.wait_ready(30)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"broker did not start: {(self.workdir / f'broker-{self.port}.log').read_text()}") from None
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.log.close()
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
+        self.log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
