@@ -87,9 +87,11 @@ class RedisProc:
 class BrokerProc:
     """`loraloop broker` as a subprocess; `restart()` keeps its port."""
 
-    def __init__(self, redis_url: str, workdir: Path, *extra: str, auth: bool = True) -> None:
+    def __init__(self, redis_url: str, workdir: Path, *extra: str, auth: bool = True,
+                 tls_ca_file: str | None = None) -> None:
         self.port = free_port()
         self.redis_url, self.workdir, self.extra, self.auth = redis_url, workdir, extra, auth
+        self.tls_ca_file = tls_ca_file
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -108,7 +110,8 @@ class BrokerProc:
                                      cwd=Path(__file__).resolve().parents[2])
         from services.broker.client import BrokerClient
 
-        with BrokerClient(self.target, TOKENS["learner"]) as c:
+        target = self.target if not self.tls_ca_file else f"localhost:{self.port}"
+        with BrokerClient(target, TOKENS["learner"], tls_ca_file=self.tls_ca_file) as c:
             try:
                 c.wait_ready(30)
             except TimeoutError:
