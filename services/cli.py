@@ -12,7 +12,9 @@ import sys
 # name -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("services.broker.server", "run the adapter registry (gRPC, backed by Redis)"),
+    "rollout": ("services.rollout.server", "run a rollout server: vLLM + hot-loaded LoRA adapters"),
     "adapters": ("services.broker.cli", "list, show, pull, push, pin, unpin adapter versions"),
+    "make-tiny-model": ("services.common.tiny_model", "build a small Qwen2 model + tokenizer (HF layout) from a seed"),
     "up": ("services.stack", "bring the local stack up (Redis + broker; more services as they land)"),
     "bench": ("services.bench", "benchmarks that print their figures (bench broker ...)"),
     "proto": ("services.common.protogen", "regenerate (gen) or verify (check) the code generated from proto/"),

@@ -129,3 +129,45 @@ class BrokerProc:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class RolloutProc:
+    """`loraloop rollout` as a subprocess (one vLLM engine); ready when its health check passes."""
+
+    def __init__(self, model_dir: Path, broker_target: str, workdir: Path, *extra: str,
+                 start_timeout_s: float = 240.0) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        env = {**os.environ, "LORALOOP_TOKENS": TOKENS_ENV, "LORALOOP_TOKEN": TOKENS["rollout"],
+               "VLLM_CPU_KVCACHE_SPACE": "1"}
+        args = [sys.executable, "-m", "services.cli", "rollout", "--port", str(self.port),
+                "--model", str(model_dir), f"--broker={broker_target}", "--server.grace_s=1",
+                f"--adapters.dir={workdir / 'adapter-cache'}", *extra]
+        self.log_path = workdir / f"rollout-{self.port}.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[2])
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + start_timeout_s
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("rollout did not start:\n" + self.log_path.read_text()[-4000:])
+                time.sleep(0.5)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=30)
+        self.log.close()

@@ -1,0 +1,264 @@
+"""AdapterManager: which adapter versions a rollout server holds, and which one serves a request.
+
+- `name`/`name@latest` resolves at admission to the newest version *loaded into the engine*
+  (`latest` moves only after a new version has loaded); `name@vN` pins a version.
+- A request holds its version (`active` count) until it ends; an old version is unloaded
+  only once no request holds it, and is fetched again if a later request pins it.
+- An adapter for another base, above `max_lora_rank`, for modules the model lacks, or with
+  bytes that do not hash to their record is refused with a clear error; serving goes on.
+
+The engine and the broker are injected (see `LoraEngine`, `AdapterSource`), so this logic is
+unit-tested with fakes and integration-tested with vLLM and a real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from services.common.errors import FailedPrecondition, InvalidArgument, LoraloopError, NotFound
+from services.common.fingerprint import model_fingerprint, read_safetensors_header
+from services.common.names import AdapterSelector, parse_selector
+from services.common.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_lora_adapter,
+    parse_adapter_config,
+    parse_safetensors_header,
+)
+from services.common.records import AdapterVersion
+from services.rollout.engine import LoraHandle
+
+log = logging.getLogger(__name__)
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterRefused(FailedPrecondition):
+    """This server will not serve that adapter version (base, rank, modules or bytes)."""
+
+
+class LoraEngine(Protocol):
+    async def add_lora(self, lora: LoraHandle) -> None: ...
+    async def remove_lora(self, lora: LoraHandle) -> None: ...
+
+
+class AdapterSource(Protocol):
+    """The broker, as the manager needs it (BrokerClient fits; called from a thread)."""
+
+    def get(self, selector: str) -> AdapterVersion: ...
+    def fetch(self, selector: str) -> tuple[AdapterVersion, bytes]: ...
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What adapters are checked against."""
+
+    fingerprint: str
+    weight_names: frozenset[str]
+    max_lora_rank: int
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, max_lora_rank: int) -> BaseModel:
+        names: set[str] = set()
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            names |= set(read_safetensors_header(f).tensors)
+        return cls(model_fingerprint(model_dir), frozenset(names), max_lora_rank)
+
+
+def check_adapter(record: AdapterVersion, data: bytes, base: BaseModel) -> None:
+    """Raise AdapterRefused unless this server can serve `record` with bytes `data`."""
+    where = record.ref
+    if record.base_model_fingerprint != base.fingerprint:
+        raise AdapterRefused(f"{where} was trained on base {record.base_model_fingerprint[:23]}…, "
+                             f"this server serves {base.fingerprint[:23]}…")
+    if record.rank > base.max_lora_rank:
+        raise AdapterRefused(f"{where} has rank {record.rank} > max_lora_rank {base.max_lora_rank}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256 or len(data) != record.size_bytes:
+        raise AdapterRefused(f"{where}: bytes are corrupt (sha256 {digest[:12]}…, record {record.sha256[:12]}…)")
+    try:
+        header = parse_safetensors_header(data)
+        if header is None:
+            raise InvalidArgument("truncated safetensors header")
+        spec = check_lora_adapter(parse_adapter_config(record.adapter_config_json), header)
+    except InvalidArgument as e:
+        raise AdapterRefused(f"{where}: not a valid LoRA adapter: {e}") from None
+    if spec.rank > base.max_lora_rank:
+        raise AdapterRefused(f"{where} has rank {spec.rank} > max_lora_rank {base.max_lora_rank}")
+    missing = [m for m in spec.module_paths
+               if f"{m.removeprefix(_PEFT_PREFIX)}.weight" not in base.weight_names]
+    if missing:
+        raise AdapterRefused(f"{where} targets modules the base model lacks: {', '.join(missing[:4])}"
+                             + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+
+
+@dataclass
+class LoadedVersion:
+    record: AdapterVersion
+    handle: LoraHandle
+    active: int = 0
+
+
+def default_cache_dir() -> Path:
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix="loraloop-adapters-", dir=root))
+
+
+class AdapterManager:
+    def __init__(self, engine: LoraEngine, source: AdapterSource, base: BaseModel, cache_dir: Path) -> None:
+        self.engine, self.source, self.base = engine, source, base
+        self.cache_dir = cache_dir
+        self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self.latest: dict[str, int] = {}
+        self.refused: dict[tuple[str, int], str] = {}
+        self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
+        self._next_id = 1
+        self.followed: set[str] = set()
+        # Called with an adapter name the first time a request loads it, so that name is
+        # followed from then on (its @latest keeps moving). The server wires the follower here.
+        self.on_first_use = lambda name: None
+        self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
+
+    # ------------------------------------------------------------ loading
+
+    async def _fetch(self, selector: str) -> tuple[AdapterVersion, bytes]:
+        try:
+            return await asyncio.to_thread(self.source.fetch, selector)
+        except LoraloopError:
+            raise
+        except Exception as e:  # BrokerError: keep its status meaning
+            code = getattr(getattr(e, "code", None), "name", "")
+            if code == "NOT_FOUND":
+                raise NotFound(f"{selector}: {getattr(e, 'details', e)}") from None
+            if code == "DATA_LOSS":
+                raise AdapterRefused(f"{selector}: bytes are corrupt ({getattr(e, 'details', e)})") from None
+            raise
+
+    async def load(self, record: AdapterVersion | None, selector: str | None = None) -> LoadedVersion:
+        """Fetch, verify, write to the local cache and load into the engine (once per version)."""
+        if record is None:
+            record, data = await self._fetch(selector or "")
+        else:
+            data = None
+        key = (record.name, record.version)
+        if key in self.loaded:
+            return self.loaded[key]
+        if key in self.refused:
+            raise AdapterRefused(self.refused[key])
+        if key in self._loading:
+            return await asyncio.shield(self._loading[key])
+        fut: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            if data is None:
+                record, data = await self._fetch(record.ref)
+            lv = await self._load_bytes(record, data)
+            fut.set_result(lv)
+            return lv
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[key]
+
+    async def _load_bytes(self, record: AdapterVersion, data: bytes) -> LoadedVersion:
+        key = (record.name, record.version)
+        try:
+            check_adapter(record, data, self.base)
+        except AdapterRefused as e:
+            self.refused[key] = str(e)
+            log.error("refused adapter: %s", e)
+            raise
+        path = self.cache_dir / record.name / f"v{record.version}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+        (tmp / WEIGHTS_NAME).write_bytes(data)
+        (tmp / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        handle = LoraHandle(record.ref, self._next_id, str(path))
+        self._next_id += 1
+        try:
+            await self.engine.add_lora(handle)
+        except RuntimeError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            self.refused[key] = str(e)
+            log.error("refused adapter %s: %s", record.ref, e)
+            raise AdapterRefused(str(e)) from None
+        lv = LoadedVersion(record, handle)
+        self.loaded[key] = lv
+        self.loads += 1
+        log.info("loaded %s (lora id %d, %d bytes)", record.ref, handle.lora_id, record.size_bytes)
+        return lv
+
+    async def on_published(self, record: AdapterVersion) -> None:
+        """A version announced by the broker: load it, then move `latest` to it."""
+        try:
+            await self.load(record)
+        except (AdapterRefused, NotFound) as e:
+            log.warning("not serving %s: %s", record.ref, e)
+            return
+        if record.version > self.latest.get(record.name, 0):
+            self.latest[record.name] = record.version
+            log.info("%s@latest is now v%d", record.name, record.version)
+        await self._unload_drained(record.name)
+
+    # ------------------------------------------------------------ admission
+
+    async def resolve(self, sel: AdapterSelector) -> LoadedVersion:
+        if sel.is_latest:
+            v = self.latest.get(sel.name)
+            if v is None:  # not followed or nothing loaded yet: ask the broker once
+                await self.on_published((await self._fetch(f"{sel.name}@latest"))[0])
+                v = self.latest.get(sel.name)
+                if sel.name not in self.followed:
+                    self.followed.add(sel.name)
+                    self.on_first_use(sel.name)
+                if v is None:
+                    raise AdapterRefused(self.refused.get((sel.name, self._max_refused(sel.name)),
+                                                          f"no servable version of {sel.name}"))
+            return self.loaded.get((sel.name, v)) or await self.load(None, f"{sel.name}@v{v}")
+        return self.loaded.get((sel.name, sel.version)) or await self.load(None, str(sel))
+
+    def _max_refused(self, name: str) -> int:
+        return max((v for n, v in self.refused if n == name), default=0)
+
+    @asynccontextmanager
+    async def acquire(self, selector: str) -> AsyncIterator[LoadedVersion | None]:
+        """Hold one adapter version (None = base) for the length of a request."""
+        if not selector:
+            yield None
+            return
+        sel = parse_selector(selector)
+        lv = await self.resolve(sel)
+        lv.active += 1  # no await between resolve's return and here: GC cannot race us
+        try:
+            yield lv
+        finally:
+            lv.active -= 1
+            if lv.active == 0:
+                await self._unload_drained(sel.name)
+
+    async def _unload_drained(self, name: str) -> None:
+        latest = self.latest.get(name)
+        for key, lv in list(self.loaded.items()):
+            if key[0] == name and key[1] != latest and lv.active == 0:
+                del self.loaded[key]
+                await self.engine.remove_lora(lv.handle)
+                shutil.rmtree(lv.handle.path, ignore_errors=True)
+                log.info("unloaded %s (drained)", lv.record.ref)
+
+    def close(self) -> None:
+        shutil.rmtree(self.cache_dir, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""`loraloop rollout` settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
+
+
+class EngineConfig(Section):
+    model: str = "runs/tiny-model"
+    """Local base model directory (HF layout, safetensors). Loaded once."""
+    dtype: str = "float32"
+    """Weights/activations dtype in the engine (float32, bfloat16, float16)."""
+    max_model_len: int = Field(512, ge=16)
+    """Longest prompt + response, in tokens."""
+    max_num_seqs: int = Field(64, ge=1)
+    """Sequences in one batch at most."""
+    max_loras: int = Field(4, ge=1)
+    """Different adapters in one batch at most (vLLM max_loras)."""
+    max_cpu_loras: int = Field(16, ge=1)
+    """Adapters kept loaded in the engine's host cache (LRU beyond; reloaded from the local cache)."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest adapter rank accepted; higher-rank adapters are refused."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); GPU builds use gpu_memory_utilization."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Fraction of GPU memory for the engine (GPU builds only)."""
+    cpu_threads_bind: str = "auto"
+    """CPU cores the engine's compute threads run on (VLLM_CPU_OMP_THREADS_BIND: "auto", "0", "0-1",
+    "nobind"). Share the cores out when other compute-heavy processes run on the machine."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prefixes (keyed per adapter version, never shared across versions)."""
+    seed: int = 0
+    """Engine seed (per-request seeds override it)."""
+
+
+class AdapterCacheConfig(Section):
+    dir: str = ""
+    """Where fetched adapters are written for the engine to load ("" = /dev/shm when present, else a temp dir)."""
+    follow: list[str] = []
+    """Adapter names to hot-load as the broker announces new versions (others load on first request)."""
+
+
+class RolloutConfig(Section):
+    server: ServerConfig = ServerConfig(port=50052)
+    """gRPC listener for Generate / ListAdapters."""
+    engine: EngineConfig = EngineConfig()
+    """The vLLM engine."""
+    adapters: AdapterCacheConfig = AdapterCacheConfig()
+    """Adapter hot-loading."""
+    broker: str = "127.0.0.1:50050"
+    """Broker address (host:port)."""
+    learner: str = ""
+    """Learner address for the training loop ("" = serve inference only)."""
+    token_env: str = "LORALOOP_TOKEN"
+    """Environment variable with this server's own bearer token (role rollout) for broker and learner."""
+    worker_id: str = ""
+    """Name of this replica in leases and logs ("" = hostname-pid)."""
+    leases_in_flight: int = Field(2, ge=1)
+    """Leases generated concurrently by the training loop."""
+    auth: AuthConfig = AuthConfig()
+    """Who may call this server (clients need role client, learner or rollout)."""
+    tls: TLSConfig = TLSConfig()
+    """Optional TLS for this server."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+ALIASES = {"port": "server.port", "host": "server.host", "model": "engine.model", "follow": "adapters.follow"}

