@@ -141,7 +141,8 @@ class AdapterManager:
             code = getattr(getattr(e, "code", None), "name", "")
             if code == "NOT_FOUND":
                 raise NotFound(f"{selector}: {getattr(e, 'details', e)}") from None
-            if code == "DATA_LOSS":
+            if code == "DATA_LOSS":  # not remembered as refused: a later fetch may get good bytes
+                log.error("refused %s: fetched bytes are corrupt (%s)", selector, getattr(e, "details", e))
                 raise AdapterRefused(f"{selector}: bytes are corrupt ({getattr(e, 'details', e)})") from None
             raise
 

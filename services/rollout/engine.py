@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from services.common.errors import InvalidArgument
 from services.rollout.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,13 @@ class Engine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        try:
+            return self._make_params(SamplingParams, RequestOutputKind, s, delta)
+        except ValueError as e:  # vLLM's validation errors are ValueErrors
+            raise InvalidArgument(f"sampling parameters refused: {e}") from None
+
+    @staticmethod
+    def _make_params(SamplingParams, RequestOutputKind, s: Sampling, delta: bool):
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
             max_tokens=s.max_tokens, stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,

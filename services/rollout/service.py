@@ -35,6 +35,8 @@ def sampling_from_pb(p: pb.SamplingParams, default_max_tokens: int) -> Sampling:
         raise InvalidArgument("temperature must be >= 0 and top_p in [0, 1]")
     if p.n > MAX_N:
         raise InvalidArgument(f"n={p.n} exceeds {MAX_N}")
+    if p.n > 1 and p.temperature == 0:
+        raise InvalidArgument(f"n={p.n} samples need temperature > 0 (greedy gives one answer)")
     return Sampling(
         max_tokens=p.max_tokens or default_max_tokens, temperature=p.temperature, top_p=p.top_p or 1.0,
         top_k=p.top_k if p.top_k > 0 else -1, n=p.n or 1, seed=p.seed if p.HasField("seed") else None,

@@ -1,0 +1,38 @@
+"""`loraloop bench`: benchmarks that print their figures and write them as JSON.
+
+Each benchmark is a module with `main(argv) -> int` that parses its arguments before it
+imports anything heavy, so `loraloop bench NAME --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv) -> int, one-line summary)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "broker": ("services.bench.broker",
+               "publish/fetch MB/s against a raw Redis SET/GET floor, and watch notification latency"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, BENCHMARKS))
+    rows = "\n".join(f"  {n:<{width}}  {s}" for n, (_, s) in BENCHMARKS.items())
+    return (
+        "usage: loraloop bench BENCHMARK [ARGS...]\n\n"
+        "Benchmarks that start the processes they need, print a table and write JSON.\n\n"
+        f"benchmarks:\n{rows}\n\n"
+        "`loraloop bench BENCHMARK --help` explains each one."
+    )
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"loraloop bench: unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHMARKS[name][0]).main(rest) or 0)
