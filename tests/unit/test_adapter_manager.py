@@ -1,0 +1,180 @@
+"""AdapterManager logic with a fake engine and a fake broker: latest moves only after a
+load, versions unload only when drained, refusals keep the old version, one load per version."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+
+from services.common.errors import NotFound
+from services.common.records import AdapterVersion
+from services.rollout.adapters import AdapterManager, AdapterRefused, BaseModel
+from tests.support.adapters import make_adapter
+
+FP = "sha256:base"
+WEIGHTS = frozenset(f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj"))
+
+
+class FakeEngine:
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.loaded: dict[int, str] = {}
+        self.calls: list[str] = []
+        self.fail = fail or set()
+
+    async def add_lora(self, lora) -> None:
+        await asyncio.sleep(0.01)
+        self.calls.append(f"add {lora.lora_name}")
+        if lora.lora_name in self.fail:
+            raise RuntimeError(f"engine refused {lora.lora_name}")
+        self.loaded[lora.lora_id] = lora.lora_name
+
+    async def remove_lora(self, lora) -> None:
+        self.calls.append(f"remove {lora.lora_name}")
+        self.loaded.pop(lora.lora_id, None)
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.versions: dict[tuple[str, int], tuple[AdapterVersion, bytes]] = {}
+        self.fetches = 0
+
+    def publish(self, name: str, seed: int, fingerprint: str = FP, rank: int = 4) -> AdapterVersion:
+        cfg, data = make_adapter(seed=seed, rank=rank)
+        v = 1 + max((k[1] for k in self.versions if k[0] == name), default=0)
+        rec = AdapterVersion(name, v, hashlib.sha256(data).hexdigest(), len(data), fingerprint, rank,
+                             2.0 * rank, ("q_proj", "v_proj"), adapter_config_json=json.dumps(cfg))
+        self.versions[(name, v)] = (rec, data)
+        return rec
+
+    def get(self, selector: str) -> AdapterVersion:
+        return self.fetch(selector)[0]
+
+    def fetch(self, selector: str):
+        self.fetches += 1
+        name, _, ver = selector.partition("@")
+        v = max(k[1] for k in self.versions if k[0] == name) if ver in ("", "latest") else int(ver[1:])
+        if (name, v) not in self.versions:
+            raise NotFound(selector)
+        return self.versions[(name, v)]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    engine, broker = FakeEngine(), FakeBroker()
+    manager = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    return engine, broker, manager
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_latest_resolves_at_admission_and_old_version_drains(setup):
+    engine, broker, m = setup
+
+    async def scenario():
+        await m.on_published(broker.publish("p", 1))
+        async with m.acquire("p") as held:
+            assert held.record.version == 1
+            await m.on_published(broker.publish("p", 2))
+            assert m.latest["p"] == 2
+            assert ("p", 1) in m.loaded  # still held by the running request
+            async with m.acquire("p@latest") as newer:
+                assert newer.record.version == 2
+        assert set(m.loaded) == {("p", 2)}  # v1 unloaded once drained
+        assert engine.calls == ["add p@v1", "add p@v2", "remove p@v1"]
+
+    run(scenario())
+
+
+def test_pinned_old_version_is_fetched_again(setup):
+    engine, broker, m = setup
+
+    async def scenario():
+        await m.on_published(broker.publish("p", 1))
+        await m.on_published(broker.publish("p", 2))
+        assert set(m.loaded) == {("p", 2)}
+        async with m.acquire("p@v1") as lv:
+            assert lv.record.version == 1 and lv.handle.lora_id == 3  # ids are never reused
+        assert set(m.loaded) == {("p", 2)}
+
+    run(scenario())
+
+
+def test_refused_version_keeps_serving_the_old_one(setup):
+    engine, broker, m = setup
+
+    async def scenario():
+        await m.on_published(broker.publish("p", 1))
+        await m.on_published(broker.publish("p", 2, fingerprint="sha256:other"))
+        await m.on_published(broker.publish("p", 3, rank=32))
+        assert m.latest["p"] == 1
+        assert "trained on base" in m.refused[("p", 2)] and "max_lora_rank 16" in m.refused[("p", 3)]
+        with pytest.raises(AdapterRefused, match="trained on base"):
+            async with m.acquire("p@v2"):
+                pass
+        async with m.acquire("p") as lv:
+            assert lv.record.version == 1
+
+    run(scenario())
+
+
+def test_engine_refusal_is_recorded(tmp_path):
+    broker = FakeBroker()
+    m = AdapterManager(FakeEngine(fail={"p@v1"}), broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    rec = broker.publish("p", 1)
+
+    async def scenario():
+        with pytest.raises(AdapterRefused, match="engine refused"):
+            await m.load(rec)
+        assert ("p", 1) in m.refused and ("p", 1) not in m.loaded
+        assert not list(tmp_path.glob("p/v1"))  # nothing left in the cache
+
+    run(scenario())
+
+
+def test_missing_modules_refused(tmp_path):
+    broker = FakeBroker()
+    m = AdapterManager(FakeEngine(), broker, BaseModel(FP, frozenset({"model.layers.0.self_attn.q_proj.weight"}), 16),
+                       tmp_path)
+
+    async def scenario():
+        with pytest.raises(AdapterRefused, match="lacks"):
+            await m.load(broker.publish("p", 1))
+
+    run(scenario())
+
+
+def test_concurrent_requests_load_a_version_once(setup):
+    engine, broker, m = setup
+    broker.publish("p", 1)
+
+    async def scenario():
+        async def use():
+            async with m.acquire("p@v1") as lv:
+                await asyncio.sleep(0.01)
+                return lv.handle.lora_id
+
+        ids = await asyncio.gather(*(use() for _ in range(8)))
+        assert set(ids) == {1} and engine.calls.count("add p@v1") == 1
+
+    run(scenario())
+
+
+def test_first_use_of_an_unfollowed_name_starts_following(setup):
+    engine, broker, m = setup
+    followed = []
+    m.on_first_use = followed.append
+    broker.publish("q", 1)
+
+    async def scenario():
+        async with m.acquire("q") as lv:
+            assert lv.record.version == 1
+        async with m.acquire("q"):
+            pass
+
+    run(scenario())
+    assert followed == ["q"] and "q" in m.followed
