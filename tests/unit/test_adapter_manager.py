@@ -91,7 +91,7 @@ def test_latest_resolves_at_admission_and_old_version_drains(setup):
 
 
 def test_pinned_old_version_is_fetched_again(setup):
-    engine, broker, m = setup
+    _engine, broker, m = setup
 
     async def scenario():
         await m.on_published(broker.publish("p", 1))
@@ -105,7 +105,7 @@ def test_pinned_old_version_is_fetched_again(setup):
 
 
 def test_refused_version_keeps_serving_the_old_one(setup):
-    engine, broker, m = setup
+    _engine, broker, m = setup
 
     async def scenario():
         await m.on_published(broker.publish("p", 1))
@@ -165,7 +165,7 @@ def test_concurrent_requests_load_a_version_once(setup):
 
 
 def test_first_use_of_an_unfollowed_name_starts_following(setup):
-    engine, broker, m = setup
+    _engine, broker, m = setup
     followed = []
     m.on_first_use = followed.append
     broker.publish("q", 1)
