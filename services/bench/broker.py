@@ -351,7 +351,7 @@ def report(result: dict) -> str:
     m, w = result["machine"], result["watch"]
     lines = [
         f"loraloop bench broker: {m['nproc']} CPUs, Python {m['python']}, Redis {m['redis_version']} "
-        f"(AOF, appendfsync always, {m['redis_dir_fs']})",
+        f"(AOF, appendfsync always, {m['redis_dir_fs']}; {m['redis_aof_rewrites']} AOF rewrites during the run)",
         "",
         f"{'size':>6} | {'publish MB/s':^23} | {'fetch MB/s':^23} | publish+fetch",
         f"{'MB':>6} | {'broker':>7} {'floor':>7} {'ratio':>7} | {'broker':>7} {'floor':>7} {'ratio':>7} | "

@@ -183,24 +183,25 @@ class BrokerClient:
               progress: Callable[[int, int], None] | None = None) -> tuple[AdapterVersion, bytes]:
         """Fetch a version's record and safetensors bytes, verified against its sha256."""
 
-        def once() -> tuple[AdapterVersion, bytes]:
+        def once() -> tuple[AdapterVersion, bytes, str]:
             stream = self.stub.Fetch(pb.FetchRequest(ref=_ref(selector)), metadata=self._metadata,
                                      timeout=self.timeout_s + 300)
             record: AdapterVersion | None = None
-            buf = bytearray()
+            digest, parts, size = hashlib.sha256(), [], 0
             for msg in stream:
                 if msg.WhichOneof("part") == "record":
                     record = AdapterVersion.from_pb(msg.record)
                 else:
-                    buf += msg.chunk
+                    parts.append(msg.chunk)
+                    digest.update(msg.chunk)  # hash as it arrives: one pass over the bytes
+                    size += len(msg.chunk)
                     if progress and record:
                         progress(len(msg.chunk), record.size_bytes)
-            if record is None or len(buf) != record.size_bytes:
-                raise grpc.RpcError()  # pragma: no cover - a broker never ends a fetch early
-            return record, bytes(buf)
+            if record is None or size != record.size_bytes:
+                raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{selector}: fetch ended after {size} bytes")
+            return record, b"".join(parts), digest.hexdigest()
 
-        record, data = self._call(once)
-        digest = hashlib.sha256(data).hexdigest()
+        record, data, digest = self._call(once)
         if digest != record.sha256:
             raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{record.ref}: sha256 {digest} != record {record.sha256}")
         return record, data

@@ -12,8 +12,8 @@ class RegistryConfig(Section):
     """Largest adapter_model.safetensors accepted (bytes); larger uploads get RESOURCE_EXHAUSTED."""
     keep_last: int = Field(10, ge=1)
     """Retention: versions kept per adapter name, plus every pinned one."""
-    chunk_bytes: int = Field(1024 * 1024, ge=4096, le=8 * 1024 * 1024)
-    """Default chunk size for fetch streams."""
+    chunk_bytes: int = Field(256 * 1024, ge=4096, le=8 * 1024 * 1024)
+    """Default chunk size for fetch streams (256 KiB measured fastest for 1 MB adapters, no worse for 150 MB)."""
     staging_ttl_s: int = Field(600, ge=10)
     """An upload that stops sending for this long expires (its bytes are dropped)."""
     max_concurrent_uploads: int = Field(16, ge=1)
