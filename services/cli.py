@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("services.rollout.server", "run a rollout server: vLLM + hot-loaded LoRA adapters"),
     "adapters": ("services.broker.cli", "list, show, pull, push, pin, unpin adapter versions"),
     "make-tiny-model": ("services.common.tiny_model", "build a small Qwen2 model + tokenizer (HF layout) from a seed"),
+    "learner": ("services.learner.server", "run the learner: GRPO/PPO with LoRA under FSDP2, publishes adapters"),
+    "export": ("services.learner.export", "write an adapter as a PEFT dir, or merged into its base (--merge)"),
     "up": ("services.stack", "bring the local stack up (Redis + broker; more services as they land)"),
     "bench": ("services.bench", "benchmarks that print their figures (bench broker ...)"),
     "proto": ("services.common.protogen", "regenerate (gen) or verify (check) the code generated from proto/"),

@@ -1,0 +1,145 @@
+"""`loraloop learner` settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
+
+
+class ModelConfig(Section):
+    path: str = "runs/tiny-model"
+    """Local base model directory (HF layout, safetensors)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the base weights in memory (LoRA weights stay float32)."""
+    lora_rank: int = Field(16, ge=1)
+    """LoRA rank r."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA alpha (scale = alpha / r)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get LoRA: a list of names (q_proj, v_proj, ...) or all-linear."""
+    exclude_modules: list[str] = []
+    """Module names never given LoRA."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    init_adapter: str = ""
+    """Continue from this PEFT adapter directory instead of a fresh adapter."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    cpu_offload: bool = False
+    """FSDP2 parameter/optimizer offload to CPU (GPU runs)."""
+    mixed_precision: bool = False
+    """bf16 compute with fp32 reduction under FSDP2 (GPU runs with bf16)."""
+
+
+class AlgoConfig(Section):
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline, gae."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    clip_low: float = Field(0.2, ge=0)
+    """PPO ratio clip below 1 (1 - clip_low)."""
+    clip_high: float = Field(0.2, ge=0)
+    """PPO ratio clip above 1 (1 + clip_high); 0.28 is DAPO's clip-higher."""
+    dual_clip_c: float | None = None
+    """Dual-clip constant (e.g. 3.0) for negative advantages; none to disable."""
+    tis_cap: float | None = 2.0
+    """Truncated importance weight cap against the rollout's behaviour log-probs; none to disable."""
+    kl_coef: float = Field(0.0, ge=0)
+    """KL-to-reference coefficient (reference = base with the adapter disabled)."""
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (k3 = low-variance)."""
+    kl_in_reward: bool = False
+    """Put the KL penalty in the reward instead of the loss."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount (REINFORCE++, GAE)."""
+    lam: float = Field(1.0, ge=0, le=1)
+    """GAE lambda."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each batch."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per epoch (the batch is split into this many mini-batches)."""
+    micro_batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward on one rank (gradient accumulation beyond)."""
+    lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear LR warmup (optimizer steps)."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    max_staleness: int = Field(1, ge=0)
+    """Largest current_version - behaviour_version accepted; 0 is the synchronous algorithm."""
+
+
+class DataConfig(Section):
+    dataset: str = "arithmetic"
+    """Built-in task name (arithmetic), or a .parquet (verl layout) / .jsonl file."""
+    seed: int = 0
+    """Shuffling seed."""
+    groups_per_step: int = Field(32, ge=1)
+    """Prompt groups per training step."""
+    samples_per_group: int = Field(8, ge=1)
+    """Samples generated per prompt (n)."""
+    max_tokens: int = Field(3, ge=1)
+    """Response length limit."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (the learner divides its logits by it too)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    reward_fn: str = "arithmetic"
+    """Reward function: built-in name (arithmetic, gsm8k, math) or module:function."""
+    lease_deadline_s: float = Field(60.0, gt=0)
+    """A leased group not returned by then is leased again."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(10, ge=1)
+    """Checkpoint every this many steps."""
+    keep_last: int = Field(3, ge=1)
+    """Checkpoints kept."""
+    resume: str = "auto"
+    """auto (latest checkpoint in the run dir, if any), never, or a checkpoint directory."""
+
+
+class LearnerConfig(Section):
+    run_dir: str = "runs/local"
+    """Checkpoints, metrics.jsonl and TensorBoard events go here."""
+    adapter_name: str = "policy"
+    """Name the adapter is published under."""
+    steps: int = Field(100, ge=1)
+    """Training steps."""
+    nproc: int = Field(1, ge=1)
+    """Ranks (processes) under torchrun; FSDP2 shards the model across them."""
+    threads: int = Field(1, ge=1)
+    """torch threads per rank (share the cores with rollout servers on one machine)."""
+    seed: int = 0
+    """Global seed."""
+    broker: str = "127.0.0.1:50050"
+    """Broker address."""
+    token_env: str = "LORALOOP_TOKEN"
+    """Environment variable with this learner's own bearer token (role learner)."""
+    server: ServerConfig = ServerConfig(port=50053)
+    """gRPC listener for leases and trajectories (rank 0)."""
+    model: ModelConfig = ModelConfig()
+    """Base model and LoRA."""
+    algo: AlgoConfig = AlgoConfig()
+    """RL algorithm."""
+    data: DataConfig = DataConfig()
+    """Prompts and sampling."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoints."""
+    auth: AuthConfig = AuthConfig()
+    """Who may lease and submit (role rollout) or administer (role learner)."""
+    tls: TLSConfig = TLSConfig()
+    """Optional TLS."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+ALIASES = {"port": "server.port", "model-path": "model.path", "resume": "checkpoint.resume"}
