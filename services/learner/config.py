@@ -36,7 +36,8 @@ class ModelConfig(Section):
 
 class AlgoConfig(Section):
     advantage: str = "grpo"
-    """Advantage estimator: grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline, gae."""
+    """Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline
+    (gae needs a critic: not wired yet)."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     clip_low: float = Field(0.2, ge=0)

@@ -102,7 +102,7 @@ class Policy:
         for k, v in self.model.state_dict().items():
             if "lora_" not in k:
                 continue
-            full[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", torch.float32)
+            full[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", torch.float32).clone()
         return get_peft_model_state_dict(self.model, state_dict=full)
 
     def save_adapter(self, out_dir: str | Path) -> Path | None:

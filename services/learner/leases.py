@@ -1,0 +1,457 @@
+"""LeaseTable: which prompt groups are out, which came back, and which the trainer may take.
+
+Contracts (shared/design.md): leases are at-least-once (a group not returned before its
+deadline is leased again), a group id is accepted exactly once, every returned field is
+validated, and staleness is bounded: `version - behaviour_version <= max_staleness` for
+every sample the trainer gets.
+
+The staleness rule. Write V for the learner's current adapter version, B for
+`groups_per_batch`, η for `max_staleness`, and assume (as the learner does) one batch of B
+groups taken per version. A group "holds a slot" from its first lease until it is consumed
+or dropped. Every lease carries `min_version = V`, so its samples have behaviour >= V.
+  1. No lease at all once `batches_taken_at(V) > η`: the trainer's next batch is trained at
+     V+1 or later, so anything generated now could be too stale.
+  2. A group never leased before is leased only while the groups holding slots number less
+     than `(η + 1 - batches_taken_at(V)) * B`: at most η+1 batches are in flight or buffered,
+     so if groups come back in about the order they left, each is trained within η versions
+     of the one it was leased at (AReaL's bound, arXiv:2505.24298 §5.1).
+  3. Hard checks, because arrival order is not guaranteed: `accept` refuses a group with
+     any sample older than the lease's `min_version` or with `V - version > η`
+     (FAILED_PRECONDITION, counted, the group is leased again), and when V advances,
+     buffered groups that became too stale are dropped, counted, and their prompt queued
+     again as a new group id.
+η = 0 is the synchronous algorithm: B groups leased at V, nothing more until they are taken
+and V+1 is set.
+
+Pure Python, no gRPC; the clock is injectable (`now` arguments, or `clock=`). The domain
+records here convert to and from the learner.proto messages at the service edge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from loraloop.v1 import learner_pb2 as pb
+from loraloop.v1 import rollout_pb2 as rpb
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One prompt to be sampled n times (`loraloop.v1.PromptGroup`)."""
+
+    group_id: str
+    prompt_uid: str
+    prompt_token_ids: tuple[int, ...]
+    prompt_text: str = ""
+    data_source: str = ""
+    ground_truth: str = ""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    def to_pb(self) -> pb.PromptGroup:
+        return pb.PromptGroup(
+            group_id=self.group_id, prompt_token_ids=list(self.prompt_token_ids),
+            prompt_text=self.prompt_text, data_source=self.data_source,
+            ground_truth=self.ground_truth, extra_info_json=json.dumps(self.extra_info))
+
+    @classmethod
+    def from_pb(cls, m: pb.PromptGroup) -> GroupSpec:
+        return cls(group_id=m.group_id, prompt_uid=m.group_id.rsplit(":", 1)[0],
+                   prompt_token_ids=tuple(m.prompt_token_ids), prompt_text=m.prompt_text,
+                   data_source=m.data_source, ground_truth=m.ground_truth,
+                   extra_info=json.loads(m.extra_info_json) if m.extra_info_json else {})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroupSpec:
+        return cls(**{**d, "prompt_token_ids": tuple(d["prompt_token_ids"])})
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One generated response (`loraloop.v1.Sample`)."""
+
+    response_token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    reward: float
+    adapter_version: int
+    finish_reason: str = ""
+    reward_details_json: str = ""
+    reward_error: str = ""
+
+    def to_pb(self) -> pb.Sample:
+        return pb.Sample(
+            response_token_ids=list(self.response_token_ids), logprobs=list(self.logprobs),
+            reward=self.reward, reward_details_json=self.reward_details_json,
+            finish_reason=self.finish_reason, adapter_version=self.adapter_version,
+            reward_error=self.reward_error)
+
+    @classmethod
+    def from_pb(cls, m: pb.Sample) -> SampleRecord:
+        return cls(response_token_ids=tuple(m.response_token_ids), logprobs=tuple(m.logprobs),
+                   reward=m.reward, adapter_version=m.adapter_version, finish_reason=m.finish_reason,
+                   reward_details_json=m.reward_details_json, reward_error=m.reward_error)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleRecord:
+        return cls(**{**d, "response_token_ids": tuple(d["response_token_ids"]),
+                      "logprobs": tuple(d["logprobs"])})
+
+
+@dataclass(frozen=True)
+class TrajectoryGroupRecord:
+    """The n samples of one group, as returned under a lease (`loraloop.v1.TrajectoryGroup`)."""
+
+    lease_id: str
+    group_id: str
+    prompt_token_ids: tuple[int, ...]
+    adapter_name: str
+    samples: tuple[SampleRecord, ...]
+
+    def to_pb(self) -> pb.TrajectoryGroup:
+        return pb.TrajectoryGroup(
+            lease_id=self.lease_id, group_id=self.group_id,
+            prompt_token_ids=list(self.prompt_token_ids), adapter_name=self.adapter_name,
+            samples=[s.to_pb() for s in self.samples])
+
+    @classmethod
+    def from_pb(cls, m: pb.TrajectoryGroup) -> TrajectoryGroupRecord:
+        return cls(lease_id=m.lease_id, group_id=m.group_id, prompt_token_ids=tuple(m.prompt_token_ids),
+                   adapter_name=m.adapter_name, samples=tuple(SampleRecord.from_pb(s) for s in m.samples))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrajectoryGroupRecord:
+        return cls(**{**d, "prompt_token_ids": tuple(d["prompt_token_ids"]),
+                      "samples": tuple(SampleRecord.from_dict(s) for s in d["samples"])})
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Groups handed to one worker until `deadline` (unix seconds)."""
+
+    lease_id: str
+    worker_id: str
+    adapter_name: str
+    min_version: int
+    deadline: float
+    n: int
+    groups: tuple[GroupSpec, ...]
+
+    def to_pb(self, sampling: rpb.SamplingParams | None = None, reward_fn: str = "") -> pb.Lease:
+        """`sampling` is the learner's configured template; its `n` is overridden by the
+        table's, since `accept` counts exactly that many samples."""
+        params = rpb.SamplingParams()
+        if sampling is not None:
+            params.CopyFrom(sampling)
+        params.n = self.n
+        return pb.Lease(lease_id=self.lease_id, adapter_name=self.adapter_name,
+                        min_version=self.min_version, deadline_ms=int(self.deadline * 1000),
+                        groups=[g.to_pb() for g in self.groups], sampling=params, reward_fn=reward_fn)
+
+
+class RefusalReason(StrEnum):
+    NOTHING_PENDING = "nothing_pending"
+    BACKPRESSURE = "backpressure"
+    STALENESS = "staleness"
+    NO_ADAPTER_VERSION = "no_adapter_version"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why `lease` returned None, and when to ask again."""
+
+    reason: RefusalReason
+    retry_after_ms: int
+
+    def to_pb(self) -> pb.LeaseResponse:
+        return pb.LeaseResponse(retry_after_ms=self.retry_after_ms)
+
+
+class AcceptStatus(IntEnum):
+    """google.rpc.Code values, as SubmitAck.code carries them."""
+
+    OK = 0
+    INVALID_ARGUMENT = 3
+    ALREADY_EXISTS = 6
+    FAILED_PRECONDITION = 9
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    group_id: str
+    status: AcceptStatus
+    message: str = ""
+
+    def to_pb(self) -> pb.SubmitAck:
+        return pb.SubmitAck(group_id=self.group_id, code=int(self.status), message=self.message)
+
+
+# ---------------------------------------------------------------------------- table
+
+
+@dataclass
+class _Live:
+    """A group not yet accepted. `holds_slot` once first leased; `lease_id` is the current
+    lease (None: free to lease now); `leases` maps every lease it was in to its min_version."""
+
+    spec: GroupSpec
+    holds_slot: bool = False
+    lease_id: str | None = None
+    deadline: float = 0.0
+    leases: dict[str, int] = field(default_factory=dict)
+
+
+class LeaseTable:
+    def __init__(self, *, adapter_name: str, samples_per_group: int, groups_per_batch: int,
+                 vocab_size: int, max_staleness: int = 0, max_buffered: int | None = None,
+                 lease_timeout_s: float = 60.0, max_groups_per_lease: int = 8,
+                 retry_after_ms: int = 200, current_version: int = 0,
+                 clock: Callable[[], float] = time.time, id_prefix: str | None = None) -> None:
+        """`max_buffered` (default (η+1)·B) caps accepted-but-not-taken groups: past it,
+        leases are refused so rollout waits for the trainer (backpressure)."""
+        if samples_per_group < 1 or groups_per_batch < 1 or vocab_size < 1 or max_staleness < 0:
+            raise ValueError("samples_per_group, groups_per_batch, vocab_size must be >= 1 and "
+                             "max_staleness >= 0")
+        self.adapter_name = adapter_name
+        self.n = samples_per_group
+        self.groups_per_batch = groups_per_batch
+        self.vocab_size = vocab_size
+        self.max_staleness = max_staleness
+        self.max_buffered = max_buffered if max_buffered is not None else (max_staleness + 1) * groups_per_batch
+        self.lease_timeout_s = lease_timeout_s
+        self.max_groups_per_lease = max_groups_per_lease
+        self.retry_after_ms = retry_after_ms
+        self.clock = clock
+        # Lease ids stay unique across restarts that lose the table's state.
+        self._id_prefix = id_prefix if id_prefix is not None else uuid.uuid4().hex[:8]
+        self.version = current_version
+        self.last_refusal: Refusal | None = None
+        self._taken_at_version = 0
+        self._seq = 0
+        self._lease_seq = 0
+        self._live: dict[str, _Live] = {}
+        self._buffer: list[tuple[GroupSpec, TrajectoryGroupRecord]] = []
+        self._accepted: set[str] = set()
+        self._counters: Counter[str] = Counter()
+
+    # -- feeding and versions
+
+    def add(self, prompt_uid: str, prompt_token_ids: Sequence[int], prompt_text: str = "",
+            data_source: str = "", ground_truth: str = "",
+            extra_info: dict[str, Any] | None = None) -> GroupSpec:
+        """Queue one prompt as a new group `{prompt_uid}:{seq}`."""
+        if not prompt_token_ids:
+            raise ValueError(f"prompt {prompt_uid!r} has no token ids")
+        self._seq += 1
+        spec = GroupSpec(f"{prompt_uid}:{self._seq}", prompt_uid, tuple(prompt_token_ids), prompt_text,
+                         data_source, ground_truth, dict(extra_info or {}))
+        self._live[spec.group_id] = _Live(spec)
+        return spec
+
+    def wanted(self) -> int:
+        """New groups to `add` so that every lease rule 2 allows can be filled."""
+        fresh = sum(not g.holds_slot for g in self._live.values())
+        return max(0, self._free_slots() - fresh)
+
+    def set_version(self, version: int) -> None:
+        """The learner published `version`. Buffered groups now too stale are dropped and
+        their prompts queued again under new group ids."""
+        if version < self.version:
+            raise ValueError(f"version went back from {self.version} to {version}")
+        if version == self.version:
+            return
+        self.version, self._taken_at_version = version, 0
+        keep = []
+        for spec, rec in self._buffer:
+            if self._staleness(rec) > self.max_staleness:
+                self._counters["dropped_stale_buffered"] += 1
+                self.add(spec.prompt_uid, spec.prompt_token_ids, spec.prompt_text, spec.data_source,
+                         spec.ground_truth, spec.extra_info)
+            else:
+                keep.append((spec, rec))
+        self._buffer = keep
+
+    # -- leasing
+
+    def _slots_held(self) -> int:
+        return sum(g.holds_slot for g in self._live.values()) + len(self._buffer)
+
+    def _free_slots(self) -> int:
+        if self._taken_at_version > self.max_staleness:
+            return 0
+        return max(0, (self.max_staleness + 1 - self._taken_at_version) * self.groups_per_batch
+                   - self._slots_held())
+
+    def lease(self, worker_id: str, max_groups: int = 0, now: float | None = None) -> Lease | None:
+        """Up to `max_groups` (0: the configured cap) groups: expired or refused ones first,
+        then new ones as rule 2 allows. None when there is nothing to hand out; then
+        `last_refusal` says why and when to retry."""
+        now = self.clock() if now is None else now
+        want = min(max_groups or self.max_groups_per_lease, self.max_groups_per_lease)
+        if self.adapter_name and self.version < 1:
+            return self._refuse(RefusalReason.NO_ADAPTER_VERSION)
+        if len(self._buffer) >= self.max_buffered:
+            return self._refuse(RefusalReason.BACKPRESSURE)
+        if self._taken_at_version > self.max_staleness:
+            return self._refuse(RefusalReason.STALENESS)
+        free = [g for g in self._live.values() if g.lease_id is None or g.deadline <= now]
+        again = [g for g in free if g.holds_slot][:want]
+        fresh = [g for g in free if not g.holds_slot][: min(want - len(again), self._free_slots())]
+        if not again and not fresh:
+            blocked = any(not g.holds_slot for g in free)
+            return self._refuse(RefusalReason.STALENESS if blocked else RefusalReason.NOTHING_PENDING)
+        self._lease_seq += 1
+        lease_id = f"{self._id_prefix}-{self._lease_seq}"
+        min_version = self.version
+        deadline = now + self.lease_timeout_s
+        for g in again + fresh:
+            g.holds_slot, g.lease_id, g.deadline = True, lease_id, deadline
+            g.leases[lease_id] = min_version
+        self._counters["leases_granted"] += 1
+        self._counters["groups_leased"] += len(again) + len(fresh)
+        self._counters["groups_leased_again"] += len(again)
+        self.last_refusal = None
+        return Lease(lease_id, worker_id, self.adapter_name, min_version, deadline, self.n,
+                     tuple(g.spec for g in again + fresh))
+
+    def _refuse(self, reason: RefusalReason) -> None:
+        self._counters[f"lease_refused_{reason.value}"] += 1
+        self.last_refusal = Refusal(reason, self.retry_after_ms)
+        return None
+
+    # -- accepting
+
+    def accept(self, group: TrajectoryGroupRecord, now: float | None = None) -> AcceptResult:
+        """Check one returned group and buffer it for the trainer, or say why not.
+
+        A submission under a lease whose deadline passed is still taken if the group has not
+        been accepted yet: the work is done, and exactly-once holds by group id."""
+        now = self.clock() if now is None else now
+        gid = group.group_id
+        if gid in self._accepted:
+            return self._result(gid, AcceptStatus.ALREADY_EXISTS, "group already accepted")
+        live = self._live.get(gid)
+        if live is None:
+            return self._result(gid, AcceptStatus.FAILED_PRECONDITION, "unknown group id")
+        if group.lease_id not in live.leases:
+            return self._result(gid, AcceptStatus.FAILED_PRECONDITION,
+                                f"group was never leased under lease {group.lease_id!r}")
+        problem = self._invalid(group, live.spec)
+        if problem:
+            self._release(live, group.lease_id)
+            return self._result(gid, AcceptStatus.INVALID_ARGUMENT, problem)
+        oldest = min(s.adapter_version for s in group.samples)
+        min_version = live.leases[group.lease_id]
+        if oldest < min_version or self.version - oldest > self.max_staleness:
+            self._counters["dropped_stale"] += 1
+            self._release(live, group.lease_id)
+            return self._result(gid, AcceptStatus.FAILED_PRECONDITION,
+                                f"too stale: sample version {oldest}, lease min_version {min_version}, "
+                                f"learner at {self.version}, max_staleness {self.max_staleness}")
+        if live.lease_id != group.lease_id or live.deadline <= now:
+            self._counters["accepted_late"] += 1
+        del self._live[gid]
+        self._accepted.add(gid)
+        self._buffer.append((live.spec, group))
+        return self._result(gid, AcceptStatus.OK)
+
+    def _release(self, live: _Live, lease_id: str) -> None:
+        # A refused group is free to lease again at once, unless another lease holds it now.
+        if live.lease_id == lease_id:
+            live.lease_id = None
+
+    def _result(self, gid: str, status: AcceptStatus, message: str = "") -> AcceptResult:
+        self._counters[_COUNTER_OF[status]] += 1
+        return AcceptResult(gid, status, message)
+
+    def _invalid(self, g: TrajectoryGroupRecord, spec: GroupSpec) -> str | None:
+        if g.adapter_name != self.adapter_name:
+            return f"adapter {g.adapter_name!r}, leased {self.adapter_name!r}"
+        if len(g.samples) != self.n:
+            return f"{len(g.samples)} samples, expected {self.n}"
+        if spec.prompt_token_ids and tuple(g.prompt_token_ids) != spec.prompt_token_ids:
+            return "prompt token ids differ from the leased ones"
+        if not g.prompt_token_ids or not all(0 <= t < self.vocab_size for t in g.prompt_token_ids):
+            return f"prompt token ids empty or outside [0, {self.vocab_size})"
+        for i, s in enumerate(g.samples):
+            if not s.response_token_ids:
+                return f"sample {i}: no response tokens"
+            if len(s.logprobs) != len(s.response_token_ids):
+                return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.response_token_ids)} tokens"
+            if not all(0 <= t < self.vocab_size for t in s.response_token_ids):
+                return f"sample {i}: response token id outside [0, {self.vocab_size})"
+            if not all(math.isfinite(x) for x in s.logprobs):
+                return f"sample {i}: logprob not finite"
+            if not math.isfinite(s.reward):
+                return f"sample {i}: reward {s.reward!r} not finite"
+            lo = 1 if self.adapter_name else 0
+            hi = self.version if self.adapter_name else 0
+            if not lo <= s.adapter_version <= hi:
+                return f"sample {i}: adapter version {s.adapter_version} unknown (known: {lo}..{hi})"
+        return None
+
+    def _staleness(self, rec: TrajectoryGroupRecord) -> int:
+        return self.version - min(s.adapter_version for s in rec.samples)
+
+    # -- the trainer's side
+
+    def take_batch(self, num_groups: int | None = None) -> list[TrajectoryGroupRecord] | None:
+        """The oldest `num_groups` (default groups_per_batch) accepted groups, in arrival
+        order, or None (nothing taken) while fewer are buffered."""
+        k = num_groups or self.groups_per_batch
+        if len(self._buffer) < k:
+            return None
+        batch, self._buffer = self._buffer[:k], self._buffer[k:]
+        self._taken_at_version += 1
+        self._counters["consumed"] += k
+        return [rec for _, rec in batch]
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the start of training (kept in checkpoints) and current gauges."""
+        out = {k: 0 for k in _COUNTERS}
+        out.update(self._counters)
+        out.update(version=self.version, buffered=len(self._buffer),
+                   leased=sum(g.lease_id is not None for g in self._live.values()),
+                   waiting=sum(g.lease_id is None for g in self._live.values()))
+        return out
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "taken_at_version": self._taken_at_version,
+            "seq": self._seq, "lease_seq": self._lease_seq,
+            "live": [{"spec": asdict(g.spec), "holds_slot": g.holds_slot, "lease_id": g.lease_id,
+                      "deadline": g.deadline, "leases": g.leases} for g in self._live.values()],
+            "buffer": [{"spec": asdict(s), "group": asdict(r)} for s, r in self._buffer],
+            "accepted": sorted(self._accepted),
+            "counters": dict(self._counters),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version, self._taken_at_version = int(state["version"]), int(state["taken_at_version"])
+        self._seq, self._lease_seq = int(state["seq"]), int(state["lease_seq"])
+        self._live = {}
+        for d in state["live"]:
+            spec = GroupSpec.from_dict(d["spec"])
+            self._live[spec.group_id] = _Live(spec, bool(d["holds_slot"]), d["lease_id"],
+                                              float(d["deadline"]), {k: int(v) for k, v in d["leases"].items()})
+        self._buffer = [(GroupSpec.from_dict(d["spec"]), TrajectoryGroupRecord.from_dict(d["group"]))
+                        for d in state["buffer"]]
+        self._accepted = set(state["accepted"])
+        self._counters = Counter({k: int(v) for k, v in state["counters"].items()})
+        self.last_refusal = None
+
+
+_COUNTER_OF = {s: "accepted" if s is AcceptStatus.OK else s.name.lower() for s in AcceptStatus}
+_COUNTERS = ("leases_granted", "groups_leased", "groups_leased_again",
+             *(f"lease_refused_{r.value}" for r in RefusalReason), *_COUNTER_OF.values(),
+             "accepted_late", "dropped_stale", "dropped_stale_buffered", "consumed")
