@@ -13,6 +13,8 @@ import sys
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "broker": ("services.bench.broker",
                "publish/fetch MB/s against a raw Redis SET/GET floor, and watch notification latency"),
+    "rollout": ("services.bench.rollout",
+                "vLLM tok/s base vs one vs 8 mixed LoRA adapters, and publish->served hot-load latency"),
 }
 
 

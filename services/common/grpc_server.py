@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +145,10 @@ async def serve(
     roles_of_method: Mapping[str, frozenset[Role]],
     on_started: Callable[[int], None] | None = None,
     on_stopping: Callable[[], object] | None = None,
+    stop_event: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop gracefully (running RPCs get `grace_s`)."""
+    """Serve until SIGTERM/SIGINT (or `stop_event`), then stop gracefully (running RPCs get
+    `grace_s`). Signal handlers are installed only on the main thread."""
     token_roles = auth.token_roles() if auth.enabled else {}
     if auth.enabled and not token_roles:
         raise SystemExit(
@@ -175,10 +178,11 @@ async def serve(
     if on_started:
         on_started(port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event or asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping (grace %.1fs)", server_cfg.grace_s)
     await health_servicer.enter_graceful_shutdown()

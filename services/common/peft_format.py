@@ -127,8 +127,9 @@ def _targets_match(module: str, targets: object) -> bool:
             return True
         return re.fullmatch(targets, module) is not None
     if isinstance(targets, (list, tuple)):
-        suffix = module.rsplit(".", 1)[-1]
-        return suffix in targets or module in targets
+        # peft's rule: a target matches a module whose name is it or ends with "." + it.
+        # peft writes bare names ("q_proj") or, for all-linear, paths ("model.layers.0.mlp.up_proj").
+        return any(module == t or module.endswith("." + t) for t in targets)
     raise InvalidArgument(f"{CONFIG_NAME}: target_modules must be a list or a string")
 
 

@@ -66,6 +66,16 @@ def test_all_linear_and_regex_targets_accepted():
         _check(dict(cfg, target_modules=r".*\.k_proj"), data)
 
 
+def test_paths_as_targets_match_like_peft():
+    cfg, data = make_adapter(rank=2, layers=2)
+    paths = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    assert _check(dict(cfg, target_modules=paths), data).rank == 2
+    with pytest.raises(InvalidArgument, match="not among target_modules"):
+        _check(dict(cfg, target_modules=paths[:3]), data)  # layer 1 v_proj missing
+    with pytest.raises(InvalidArgument, match="not among target_modules"):
+        _check(dict(cfg, target_modules=["proj"]), data)  # a suffix of a name is not a match
+
+
 def test_rank_and_module_mismatches_refused():
     cfg, data = make_adapter(rank=4)
     with pytest.raises(InvalidArgument, match="config declares r=8"):

@@ -142,6 +142,13 @@ def policy_loss(
 
     loss = agg(pg) + kl_coef * agg(kl_estimate(logprobs, ref, kl_type)) - entropy_coef *
     agg(entropy), every term aggregated with the same mode and normalisers (`loss_agg`).
+
+    Metrics: `loss` and `pg_loss` are this call's share of the aggregated loss (they add up
+    over micro-batches given global normalisers); the rest are token means over this call:
+    pg_clipfrac (= _high + _low), dual_clipfrac, ppo_kl (mean old - new), behaviour_kl
+    (mean behaviour - old: staleness plus numerics gap), tis_mean and tis_clipfrac (with
+    `tis_cap=None`, tis_mean is the uncapped weight, reported but not applied), and kl /
+    entropy when their inputs are given.
     """
     if not 0 <= clip_low < 1 or clip_high < 0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")

@@ -1,0 +1,522 @@
+"""`loraloop bench rollout`: what LoRA costs a vLLM rollout engine, and how fast a new version serves.
+
+1. Throughput, per model (the in-process `Engine`, one per model): tok/s for N sequences x T new
+   tokens (sampling T=1, seeded, ignore_eos, log-probs on, as the training loop asks) with
+   (a) no adapter, (b) one r=16 all-linear adapter on every sequence, (c) M different r=16
+   adapters mixed in one batch (N/M sequences each). The three run in rounds, interleaved, after
+   an untimed warm-up of each, on the same engine. "base" is requests without an adapter on that
+   LoRA-enabled engine: vLLM V1 skips the LoRA kernels for a batch with no adapter in it
+   (`PunicaWrapperCPU` no_lora), so it is the base model's own speed.
+2. Hot-load latency: a real redis-server, broker and `loraloop rollout` server following
+   "bench". Each of K rounds publishes a new version, polls ListAdapters (every 5 ms) until the
+   server reports it latest, then opens Generate on "bench" and stops the clock at its first
+   token, checking the response names the new version. Polling first rather than firing Generate
+   in a loop keeps the server's event loop free while it loads (a retried Generate would queue
+   behind the load it waits for) and splits the time into "visible" and "first token". The
+   floor, measured in the same round: BrokerClient.fetch of that version plus the in-process
+   Engine.add_lora of it.
+
+Goals: one adapter >= 0.9x base; 8 mixed >= 0.9x one; publish->served p50 <= 1.5x the floor p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.bench.broker import (
+    ROLES,
+    _free_port,
+    _pct,
+    _read_lines,
+    _stop,
+    start_broker,
+    start_redis,
+)
+
+if TYPE_CHECKING:
+    from services.broker.client import BrokerClient
+    from services.rollout.engine import Engine
+
+GOAL_ONE_OVER_BASE = 0.9
+GOAL_MIXED_OVER_ONE = 0.9
+GOAL_HOTLOAD_RATIO = 1.5
+RANK = 16
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# fp32 for the small shapes; the 0.5b shape in bf16 (the CPU has AVX-512 bf16, and fp32 doubles
+# the bytes every decode step reads).
+DTYPES = {"tiny": "float32", "25m": "float32", "0.5b": "bfloat16"}
+POLL_S = 0.005
+CONDITIONS = ("base", "one", "mixed")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="loraloop bench rollout",
+        description="vLLM rollout throughput with no adapter, one adapter and M mixed adapters (in-process "
+                    "engine), and publish->served hot-load latency through a real broker and rollout "
+                    "server against a fetch+add_lora floor. Starts the processes it needs.",
+    )
+    p.add_argument("--out", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--models", default="tiny,25m,0.5b", help=f"model shapes for throughput ({', '.join(DTYPES)})")
+    p.add_argument("--hotload-models", default="tiny,25m", help="model shapes for hot-load latency ('' = skip)")
+    p.add_argument("--seqs", type=int, default=64, help="sequences generated at once")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per sequence")
+    p.add_argument("--mixed", type=int, default=8, help="different adapters mixed in one batch")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds at most (median reported)")
+    p.add_argument("--budget-s", type=float, default=90.0,
+                   help="no further round of a condition once its timed runs add up to this")
+    p.add_argument("--hotloads", type=int, default=10, help="timed hot-loads per model")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model only, 16 seqs x 32 tokens, 2 mixed adapters, 1 round, 3 hot-loads")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.hotload_models, a.seqs, a.tokens, a.mixed, a.repeats, a.hotloads = "tiny", "tiny", 16, 32, 2, 1, 3
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    a.hotload_models = [m.strip() for m in a.hotload_models.split(",") if m.strip()]
+    bad = [m for m in a.models + a.hotload_models if m not in DTYPES]
+    if bad:
+        p.error(f"unknown model shape(s) {bad}; choose from {', '.join(DTYPES)}")
+    if a.mixed < 1 or a.seqs % a.mixed or a.tokens < 1 or a.repeats < 1 or a.hotloads < 1:
+        p.error("--seqs must be a multiple of --mixed; tokens, repeats and hotloads >= 1")
+    return a
+
+
+# ------------------------------------------------------------------ models and adapters
+
+
+def make_adapters(base_dir: Path, out_root: Path, seeds: list[int], b_std: float = 0.05) -> list[Path]:
+    """Random peft LoRA adapters (r=16, alpha=32, all linear layers) for `base_dir`, one per seed.
+    The model is loaded once; A and B are redrawn per seed (B non-zero, so each adapter acts)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, init_lora_weights=False,
+                     target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg)
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_A" in n:
+                    p.normal_(0, p.shape[1] ** -0.5)
+                elif "lora_B" in n:
+                    p.normal_(0, b_std)
+        pm.save_pretrained(out_root / f"seed{seed}")
+        out.append(out_root / f"seed{seed}")
+    return out
+
+
+def prompt(i: int) -> list[int]:
+    """"<bos>a+b=" in the tiny models' character vocabulary (digit d is id 3+d, '+' 13, '=' 14)."""
+    return [1, 3 + i % 10, 13, 3 + (i // 10) % 10, 14]
+
+
+def engine_config(model_dir: Path, shape: str, seqs: int, tokens: int, mixed: int):
+    from services.rollout.config import EngineConfig
+
+    return EngineConfig(model=str(model_dir), dtype=DTYPES[shape], max_model_len=max(64, tokens + 16),
+                        max_num_seqs=seqs, max_loras=mixed, max_cpu_loras=mixed + 4, max_lora_rank=RANK)
+
+
+# ------------------------------------------------------------------ throughput
+
+
+async def generate_batch(engine: Engine, loras: list, seqs: int, tokens: int, tag: str) -> int:
+    """`seqs` requests at once, sequence i with adapter loras[i % len(loras)]; returns new tokens."""
+    from services.rollout.engine import Sampling
+
+    async def one(i: int) -> int:
+        s = Sampling(max_tokens=tokens, temperature=1.0, seed=1000 + i, ignore_eos=True, logprobs=True)
+        n = 0
+        async for d in engine.generate(prompt(i), s, loras[i % len(loras)], f"{tag}-{i}", stream=False):
+            n += len(d.token_ids)
+        return n
+
+    return sum(await asyncio.gather(*(one(i) for i in range(seqs))))
+
+
+async def measure_throughput(engine: Engine, handles: list, args: argparse.Namespace, bar) -> dict:
+    """Untimed warm-up, then rounds of base/one/mixed until `repeats` rounds or each condition's
+    `budget_s` is spent; medians of tok/s. The warm-up runs base at full length (a first run at
+    full length measured 10-70% slower than later ones: KV blocks, attention lengths) and each
+    adapter condition for 8 tokens (LoRA slots filled, LoRA kernels' first calls)."""
+    loras = {"base": [None], "one": [handles[0]], "mixed": handles[: args.mixed]}
+    t0 = time.perf_counter()
+    for c in CONDITIONS:
+        await generate_batch(engine, loras[c], args.seqs, args.tokens if c == "base" else min(8, args.tokens),
+                             f"warm-{c}")
+    warmup_s = time.perf_counter() - t0
+    runs: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    secs: dict[str, float] = dict.fromkeys(CONDITIONS, 0.0)
+    for r in range(args.repeats):
+        for c in CONDITIONS:
+            if r and secs[c] >= args.budget_s:
+                continue
+            bar.set_postfix_str(f"{c}, round {r + 1}")
+            t = time.perf_counter()
+            n = await generate_batch(engine, loras[c], args.seqs, args.tokens, f"{c}-{r}")
+            dt = time.perf_counter() - t
+            if n != args.seqs * args.tokens:
+                raise RuntimeError(f"{c}: generated {n} tokens, expected {args.seqs * args.tokens}")
+            runs[c].append(n / dt)
+            secs[c] += dt
+            bar.update(1)
+    tok_s = {c: statistics.median(runs[c]) for c in CONDITIONS}
+    return {
+        "warmup_s": warmup_s,
+        **{c: {"tok_s": tok_s[c], "runs_tok_s": runs[c], "seconds": secs[c]} for c in CONDITIONS},
+        "one_over_base": tok_s["one"] / tok_s["base"],
+        "mixed_over_one": tok_s["mixed"] / tok_s["one"],
+    }
+
+
+# ------------------------------------------------------------------ hot-load
+
+
+def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir: Path,
+                  cache_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`loraloop rollout` following "bench"; returns once its health check passes."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = _free_port()
+    log_path = workdir / f"rollout-{port}.log"
+    env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
+           "LORALOOP_TOKEN": tokens["rollout"]}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
+             f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
+             f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", "--log_level=WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return proc, target
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                raise SystemExit(f"rollout server did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+
+
+class RolloutStub:
+    """One channel to the rollout server, reused for every timed call."""
+
+    def __init__(self, target: str, token: str) -> None:
+        import grpc
+
+        from loraloop.v1 import rollout_pb2 as pb
+        from loraloop.v1 import rollout_pb2_grpc as pbg
+
+        self.pb, self.channel = pb, grpc.insecure_channel(target)
+        self.stub = pbg.RolloutStub(self.channel)
+        self.md = (("authorization", f"Bearer {token}"),)
+
+    def latest(self, name: str) -> int:
+        r = self.stub.ListAdapters(self.pb.ListLoadedRequest(), metadata=self.md, timeout=10)
+        return max((a.version for a in r.adapters if a.name == name and a.latest), default=0)
+
+    def first_token(self, adapter: str) -> int:
+        """Open Generate (1 token, greedy) and return the adapter version of its first token."""
+        req = self.pb.GenerateRequest(token_ids=self.pb.TokenIds(ids=prompt(3)), adapter=adapter,
+                                      params=self.pb.SamplingParams(max_tokens=1, ignore_eos=True))
+        stream = self.stub.Generate(req, metadata=self.md, timeout=120)
+        try:
+            for m in stream:
+                if m.token_ids:
+                    return m.adapter_version
+        finally:
+            stream.cancel()
+        raise RuntimeError("Generate ended without a token")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass
+class HotLoad:
+    """Milliseconds for one published version."""
+
+    version: int
+    publish_call: float  # publish call start -> commit ack (upload to the broker; not in the floor)
+    visible: float  # publish call start -> ListAdapters reports it latest
+    served: float  # publish call start -> first token of a Generate that reports it
+    fetch: float  # floor: BrokerClient.fetch of the version
+    add_lora: float  # floor: in-process Engine.add_lora of it
+    inproc_first_token: float  # after add_lora: one token with it from the in-process engine
+
+    @property
+    def floor(self) -> float:
+        return self.fetch + self.add_lora
+
+    @property
+    def served_from_ack(self) -> float:
+        return self.served - self.publish_call
+
+
+async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path], hotloads: int,
+                          rollout: RolloutStub, pub: BrokerClient, reader: BrokerClient, shm: Path,
+                          next_id: int) -> dict:
+    """Round 0 (untimed) warms the path; rounds 1..hotloads are timed. See the module docstring."""
+    from tqdm import tqdm
+
+    from services.common.fingerprint import model_fingerprint
+    from services.rollout.engine import LoraHandle, Sampling
+
+    fingerprint = model_fingerprint(model_dir)
+    epoch, _ = pub.acquire_publisher("bench")
+    rollout.first_token("")  # the server engine's first generate is slow once
+    samples: list[HotLoad] = []
+    retries = 0
+    for k in tqdm(range(hotloads + 1), desc=f"hot-load {model_dir.name}", disable=None, leave=False):
+        t0 = time.perf_counter()
+        rec, _ = pub.publish_dir("bench", epoch, adapters[k % len(adapters)], fingerprint, learner_step=k)
+        t_ack = time.perf_counter()
+        deadline = t0 + 120
+        while rollout.latest("bench") != rec.version:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"bench@v{rec.version} never became latest on the rollout server")
+            time.sleep(POLL_S)
+        t_vis = time.perf_counter()
+        while (got := rollout.first_token("bench")) != rec.version:
+            retries += 1
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"Generate kept answering with v{got}, not v{rec.version}")
+        t_first = time.perf_counter()
+
+        # The floor for the same bytes: fetch them, then the engine's own load call.
+        t = time.perf_counter()
+        _, data = reader.fetch(f"bench@v{rec.version}")
+        t_fetch = time.perf_counter() - t
+        d = shm / f"floor-v{rec.version}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(data)
+        shutil.copy(adapters[k % len(adapters)] / "adapter_config.json", d)
+        handle = LoraHandle(f"floor@v{rec.version}", next_id + k, str(d))
+        t = time.perf_counter()
+        await engine.add_lora(handle)
+        t_add = time.perf_counter() - t
+        t = time.perf_counter()
+        async for _ in engine.generate(prompt(3), Sampling(max_tokens=1, temperature=0.0), handle,
+                                       f"floor-{rec.version}", stream=False):
+            pass
+        t_gen = time.perf_counter() - t
+        await engine.remove_lora(handle)
+        shutil.rmtree(d, ignore_errors=True)
+        if k == 0:
+            continue
+        ms = 1000.0
+        samples.append(HotLoad(rec.version, (t_ack - t0) * ms, (t_vis - t0) * ms, (t_first - t0) * ms,
+                               t_fetch * ms, t_add * ms, t_gen * ms))
+        time.sleep(0.1)  # let the server drop the drained version before the next round
+
+    def q(xs: list[float]) -> dict:
+        return {"p50": _pct(xs, 50), "p95": _pct(xs, 95)}
+
+    served, floor = q([s.served for s in samples]), q([s.floor for s in samples])
+    from_ack = q([s.served_from_ack for s in samples])
+    return {
+        "model": model_dir.name, "loads": len(samples), "poll_ms": POLL_S * 1000,
+        "adapter_bytes": (adapters[0] / "adapter_model.safetensors").stat().st_size,
+        "served_ms": served, "floor_ms": floor,
+        "ratio_p50": served["p50"] / floor["p50"], "ratio_p95": served["p95"] / floor["p95"],
+        # The same from the publisher's commit ack: without the upload, which the floor lacks.
+        "served_from_ack_ms": from_ack, "from_ack_ratio_p50": from_ack["p50"] / floor["p50"],
+        "parts_ms": {f: q([getattr(s, f) for s in samples])
+                     for f in ("publish_call", "visible", "fetch", "add_lora", "inproc_first_token")},
+        "generate_retries": retries,
+        "samples": [{**vars(s), "floor": s.floor, "served_from_ack": s.served_from_ack} for s in samples],
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine_info() -> dict:
+    import peft
+    import torch
+    import transformers
+    import vllm
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _read_lines("/proc/cpuinfo") if ln.startswith("model name")), "")
+    mem = next((int(ln.split()[1]) * 1024 for ln in _read_lines("/proc/meminfo") if ln.startswith("MemTotal")), 0)
+    return {
+        "nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": cpu,
+        "mem_bytes": mem, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def _ok(met: bool) -> str:
+    return "ok" if met else "MISSED"
+
+
+def report(result: dict) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [
+        f"loraloop bench rollout: {m['nproc']} CPUs ({m['cpu_model']}), vLLM {m['vllm']}, torch {m['torch']}; "
+        f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end",
+    ]
+    if result["throughput"]:
+        lines += [
+            "",
+            f"throughput: {c['seqs']} seqs x {c['tokens']} new tokens, sampling T=1, ignore_eos, log-probs; "
+            f"LoRA r={RANK} all-linear; mixed = {c['mixed']} adapters x {c['seqs'] // c['mixed']} seqs",
+            f"{'model':>6} {'dtype':>8} | {'base':>8} {'one':>8} {'mixed':>8} tok/s | "
+            f"{'one/base':>8} goal>={GOAL_ONE_OVER_BASE:g} | {'mixed/one':>9} goal>={GOAL_MIXED_OVER_ONE:g} | rounds",
+        ]
+        for t in result["throughput"]:
+            lines.append(
+                f"{t['model']:>6} {t['dtype']:>8} | {t['base']['tok_s']:>8.0f} {t['one']['tok_s']:>8.0f} "
+                f"{t['mixed']['tok_s']:>8.0f}       | {t['one_over_base']:>7.2f}x {_ok(t['one_over_base'] >= GOAL_ONE_OVER_BASE):>9} | "
+                f"{t['mixed_over_one']:>8.2f}x {_ok(t['mixed_over_one'] >= GOAL_MIXED_OVER_ONE):>9} | "
+                + "/".join(str(len(t[k]["runs_tok_s"])) for k in CONDITIONS))
+        lines.append("medians over the rounds (base/one/mixed); base = no adapter on the same LoRA-enabled engine")
+    if result["hotload"]:
+        lines += [
+            "",
+            f"hot-load: publish -> first token of a Generate reporting the new version (ListAdapters polled every "
+            f"{POLL_S * 1000:g} ms);",
+            "floor = BrokerClient.fetch + in-process Engine.add_lora of the same version, same round",
+            f"{'model':>6} {'MB':>6} {'n':>3} | {'served ms':^15} | {'floor ms':^15} | {'ratio':^13} | "
+            f"{'fetch':>6} {'add':>6} {'publish':>7} {'visible':>7} {'1st tok*':>8} | from ack (p50)",
+            f"{'':>6} {'':>6} {'':>3} | {'p50':>7} {'p95':>7} | {'p50':>7} {'p95':>7} | {'p50':>5} {'p95':>5} "
+            f"{'goal':>1} |",
+        ]
+        for h in result["hotload"]:
+            p = h["parts_ms"]
+            lines.append(
+                f"{h['model']:>6} {h['adapter_bytes'] / 1e6:>6.2f} {h['loads']:>3} | {h['served_ms']['p50']:>7.1f} "
+                f"{h['served_ms']['p95']:>7.1f} | {h['floor_ms']['p50']:>7.1f} {h['floor_ms']['p95']:>7.1f} | "
+                f"{h['ratio_p50']:>4.2f}x {h['ratio_p95']:>4.2f}x {_ok(h['ratio_p50'] <= GOAL_HOTLOAD_RATIO)} | "
+                f"{p['fetch']['p50']:>6.1f} {p['add_lora']['p50']:>6.1f} {p['publish_call']['p50']:>7.1f} "
+                f"{p['visible']['p50']:>7.1f} {p['inproc_first_token']['p50']:>8.1f} | "
+                f"{h['served_from_ack_ms']['p50']:>6.1f} ms {h['from_ack_ratio_p50']:>4.2f}x")
+        lines += [f"goal: served p50 <= {GOAL_HOTLOAD_RATIO:g}x floor p50. Parts, p50 ms: fetch and add = the floor's; "
+                  "publish = the upload call (in served, not in the floor);",
+                  "visible = publish call -> ListAdapters shows it latest; *1st tok = one token in-process right "
+                  "after add_lora (not in the floor);",
+                  "from ack = served minus the publish call, and its ratio to the floor"]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
+    from tqdm import tqdm
+
+    from services.broker.client import BrokerClient
+    from services.common.tiny_model import make_tiny_model
+    from services.rollout.engine import Engine, LoraHandle
+
+    machine = machine_info()
+    throughput, hotload = [], []
+    tokens = {role: secrets.token_urlsafe(18) for role in ROLES}
+    procs: list[subprocess.Popen] = []
+    broker = None
+    try:
+        for shape in dict.fromkeys(args.models + args.hotload_models):
+            model_dir = make_tiny_model(workdir / shape, seed=0, shape=shape, dtype=DTYPES[shape])
+            # Hot-load publishes hotloads + 1 distinct adapters (identical bytes would dedupe).
+            n_adapters = max(args.mixed, 2 + args.hotloads if shape in args.hotload_models else 1)
+            adapters = make_adapters(model_dir, workdir / f"{shape}-adapters", list(range(n_adapters)))
+            engine = Engine(engine_config(model_dir, shape, args.seqs, args.tokens, args.mixed))
+            t = time.perf_counter()
+            await engine.start()
+            start_s = time.perf_counter() - t
+            try:
+                handles = [LoraHandle(f"tput{i}@v1", 1 + i, str(a)) for i, a in enumerate(adapters[: args.mixed])]
+                for h in handles:
+                    await engine.add_lora(h)
+                if shape in args.models:
+                    with tqdm(total=args.repeats * len(CONDITIONS), desc=f"throughput {shape}",
+                              disable=None, leave=False) as bar:
+                        tp = await measure_throughput(engine, handles, args, bar)
+                    throughput.append({"model": shape, "dtype": DTYPES[shape], "engine_start_s": start_s, **tp})
+                for h in handles:
+                    await engine.remove_lora(h)
+                if shape in args.hotload_models:
+                    if broker is None:
+                        redis_proc, redis_url = start_redis(workdir)
+                        procs.append(redis_proc)
+                        broker_proc, broker = start_broker(redis_url, workdir, tokens, 200 * 2**20)
+                        procs.append(broker_proc)
+                    rollout_proc, target = start_rollout(model_dir, broker, tokens, workdir, shm / f"cache-{shape}")
+                    procs.append(rollout_proc)
+                    stub = RolloutStub(target, tokens["client"])
+                    with BrokerClient(broker, tokens["learner"]) as pub, \
+                            BrokerClient(broker, tokens["client"]) as reader:
+                        hotload.append(await measure_hotload(engine, model_dir, adapters[1:], args.hotloads, stub,
+                                                             pub, reader, shm, next_id=100))
+                    stub.close()
+                    _stop(rollout_proc)
+                    procs.remove(rollout_proc)
+            finally:
+                engine.shutdown()
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+    machine["loadavg_end"] = list(os.getloadavg())
+    met = {}
+    if throughput:
+        met["one_over_base"] = all(t["one_over_base"] >= GOAL_ONE_OVER_BASE for t in throughput)
+        met["mixed_over_one"] = all(t["mixed_over_one"] >= GOAL_MIXED_OVER_ONE for t in throughput)
+    if hotload:
+        met["hotload_ratio"] = all(h["ratio_p50"] <= GOAL_HOTLOAD_RATIO for h in hotload)
+    return {
+        "benchmark": "rollout",
+        "machine": machine,
+        "config": {"models": args.models, "hotload_models": args.hotload_models, "seqs": args.seqs,
+                   "tokens": args.tokens, "mixed": args.mixed, "rank": RANK, "target_modules": ALL_LINEAR,
+                   "repeats": args.repeats, "budget_s": args.budget_s, "hotloads": args.hotloads,
+                   "quick": args.quick, "dtypes": {m: DTYPES[m] for m in args.models + args.hotload_models},
+                   "temperature": 1.0, "logprobs": True, "ignore_eos": True},
+        "goals": {"one_over_base_min": GOAL_ONE_OVER_BASE, "mixed_over_one_min": GOAL_MIXED_OVER_ONE,
+                  "hotload_ratio_p50_max": GOAL_HOTLOAD_RATIO, "met": met},
+        "throughput": throughput,
+        "hotload": hotload,
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # Engine.start sets str(kv_cache_gib) = "1.0", which vLLM 0.32 refuses (it wants an int); an
+    # integer here wins (setdefault), for this process and the rollout server it starts.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    workdir = Path(tempfile.mkdtemp(prefix="loraloop-bench-rollout-"))
+    shm_root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+    shm = Path(tempfile.mkdtemp(prefix="loraloop-bench-rollout-", dir=shm_root))
+    try:
+        result = asyncio.run(run(args, workdir, shm))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+    print(report(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,208 @@
+"""The learner's training loop (every rank runs it; rank 0 also serves leases and talks to
+the broker).
+
+    start/resume -> publish the current adapter -> repeat:
+        rank 0: keep the lease table fed, wait for a batch of groups, collate it
+        all:    broadcast the batch, one RL update (FSDP2), gather the adapter
+        rank 0: publish it (new version), write metrics, checkpoint every N steps
+
+On resume the learner takes a new publisher epoch and republishes the checkpoint's adapter
+as a new version, so rollouts generate with the weights the learner really has, and no
+version number is ever reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loraloop.v1 import rollout_pb2 as rpb
+from services.learner.batch import broadcast, collate
+from services.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.learner.config import LearnerConfig
+from services.learner.policy import Policy
+from services.learner.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def _init_distributed() -> None:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _resume_path(cfg: LearnerConfig) -> Path | None:
+    r = cfg.checkpoint.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        return latest_checkpoint(cfg.run_dir)
+    p = Path(r)
+    if not (p / "state.json").is_file():
+        raise SystemExit(f"--checkpoint.resume={r}: not a checkpoint directory")
+    return p
+
+
+class Coordinator:
+    """Rank 0's side: broker, prompts, lease table, gRPC service, metrics."""
+
+    def __init__(self, cfg: LearnerConfig, state: dict | None) -> None:
+        from transformers import AutoTokenizer
+
+        from services.broker.client import BrokerClient
+        from services.common.fingerprint import model_fingerprint
+        from services.learner.data import PromptStream, load_prompts
+        from services.learner.leases import LeaseTable
+        from services.learner.metrics import MetricsWriter
+        from services.learner.service import LearnerService, LearnerServicer
+
+        self.cfg = cfg
+        self.broker = BrokerClient(cfg.broker, os.environ.get(cfg.token_env))
+        self.broker.wait_ready(60)
+        self.epoch, self.latest_at_start = self.broker.acquire_publisher(cfg.adapter_name)
+        self.fingerprint = model_fingerprint(cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        vocab = int(json.loads((Path(cfg.model.path) / "config.json").read_text())["vocab_size"])
+        self.stream = PromptStream(load_prompts(cfg.data.dataset), seed=cfg.data.seed)
+        d = cfg.data
+        self.table = LeaseTable(adapter_name=cfg.adapter_name, samples_per_group=d.samples_per_group,
+                                groups_per_batch=d.groups_per_step, vocab_size=vocab,
+                                max_staleness=cfg.algo.max_staleness, lease_timeout_s=d.lease_deadline_s)
+        self.run_id = uuid.uuid4().hex[:12]
+        if state:
+            self.stream.load_state_dict(state["data"])
+            self.table.load_state_dict(state["leases"])
+            self.run_id = state["run_id"]
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        sampling = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
+                                      n=d.samples_per_group, logprobs=True)
+        self.servicer = LearnerServicer(self.table, self.lock, sampling, d.reward_fn, on_change=self.changed.set)
+        self.service = LearnerService(cfg, self.servicer)
+        self.metrics = MetricsWriter(cfg.run_dir)
+
+    def start_service(self) -> int:
+        port = self.service.start()
+        Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.cfg.run_dir) / "learner.port").write_text(str(port))
+        print(f"loraloop learner serving leases on {self.cfg.server.host}:{port}", flush=True)
+        return port
+
+    def publish(self, adapter_dir: Path, step: int) -> int:
+        rec, _ = self.broker.publish_dir(self.cfg.adapter_name, self.epoch, adapter_dir, self.fingerprint,
+                                         learner_step=step, publish_id=f"{self.run_id}:e{self.epoch}:s{step}")
+        with self.lock:
+            self.table.set_version(rec.version)
+        return rec.version
+
+    def _feed(self) -> None:
+        from services.learner.data import render
+
+        while self.table.wanted() > 0:
+            p = self.stream.next_batch(1)[0]
+            text, ids = render(p, self.tokenizer)
+            self.table.add(p.uid, ids, text, p.data_source, p.ground_truth, p.extra_info)
+
+    def next_groups(self) -> list:
+        """Block until a batch of groups is accepted; keep the table fed meanwhile."""
+        last_log = time.monotonic()
+        while True:
+            with self.lock:
+                self._feed()
+                groups = self.table.take_batch(self.cfg.data.groups_per_step)
+            if groups is not None:
+                return groups
+            self.changed.wait(0.5)
+            self.changed.clear()
+            if time.monotonic() - last_log > 30:
+                log.info("waiting for trajectories: %s", self.table.stats())
+                last_log = time.monotonic()
+
+    def state(self, version: int, trainer: Trainer) -> dict:
+        with self.lock:
+            return {"version": version, "epoch": self.epoch, "run_id": self.run_id,
+                    "scheduler": trainer.scheduler.state_dict(), "data": self.stream.state_dict(),
+                    "leases": self.table.state_dict()}
+
+    def close(self) -> None:
+        self.servicer.finished = True
+        time.sleep(min(2.0, self.cfg.data.lease_deadline_s))  # let rollouts hear "finished"
+        self.service.stop()
+        self.metrics.close()
+        self.broker.close()
+
+
+def _publish_adapter(policy: Policy, coord: Coordinator | None, step: int) -> int:
+    """Gather the adapter (collective), publish it from rank 0, share the version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save_adapter(tmp)
+        version = coord.publish(Path(tmp), step) if coord else 0
+    if dist.is_initialized():
+        t = torch.tensor([version])
+        dist.broadcast(t, 0)
+        version = int(t)
+    return version
+
+
+def run(cfg: LearnerConfig) -> None:
+    _init_distributed()
+    torch.set_num_threads(cfg.threads)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    policy = Policy(cfg.model)
+    trainer = Trainer(policy, cfg.algo, temperature=cfg.data.temperature, max_len=cfg.data.max_tokens)
+    ckpt = _resume_path(cfg)
+    state = None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, policy, trainer.optimizer)
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s (step %d, version %d)", ckpt, state["step"], state["version"])
+    start = state["step"] if state else 0
+    coord = Coordinator(cfg, state) if rank == 0 else None
+    version = _publish_adapter(policy, coord, start)
+    if coord:
+        coord.start_service()
+        log.info("step %d: serving adapter %s@v%d (epoch %d)", start, cfg.adapter_name, version, coord.epoch)
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batch = None
+            if coord:
+                groups = coord.next_groups()
+                batch = collate(groups)
+            t_wait = time.perf_counter() - t0
+            batch = broadcast(batch)
+            metrics = trainer.step(batch)
+            version = _publish_adapter(policy, coord, step + 1)
+            if coord:
+                resp = batch.response_mask.sum(1)
+                row = {"step": step + 1, "policy_version": version,
+                       "reward/mean": float(batch.rewards.mean()), "reward/max": float(batch.rewards.max()),
+                       "response_length/mean": float(resp.mean()),
+                       "staleness/mean": float((version - 1 - batch.versions).float().mean()),
+                       **metrics, "timing_s/wait_rollout": t_wait, "timing_s/step": time.perf_counter() - t0}
+                row["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / row["timing_s/step"]
+                row.update({f"leases/{k}": v for k, v in coord.table.stats().items()})
+                coord.metrics.write(row)
+                log.info("step %d v%d reward %.3f pg_loss %.4f kl %.4f %.2fs", step + 1, version,
+                         row["reward/mean"], row.get("actor/pg_loss", 0.0), row.get("actor/kl", 0.0),
+                         row["timing_s/step"])
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(cfg.run_dir, step + 1, policy, trainer.optimizer,
+                                coord.state(version, trainer) if coord else {}, cfg.checkpoint.keep_last)
+    finally:
+        if coord:
+            coord.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
