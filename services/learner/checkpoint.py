@@ -90,7 +90,8 @@ def load_checkpoint(path: str | Path, policy, optimizer: torch.optim.Optimizer) 
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     lora = load_file(str(path / "lora.safetensors"))
-    set_model_state_dict(policy.model, lora, options=_opts(strict=False, broadcast_from_rank0=True))
+    distributed = dist.is_available() and dist.is_initialized()
+    set_model_state_dict(policy.model, lora, options=_opts(strict=False, broadcast_from_rank0=distributed))
     flat = load_file(str(path / "optimizer.safetensors"))
     optim_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
@@ -99,7 +100,7 @@ def load_checkpoint(path: str | Path, policy, optimizer: torch.optim.Optimizer) 
         optim_state.setdefault(param, {})[name] = v
     set_optimizer_state_dict(policy.model, optimizer,
                              optim_state_dict={"state": optim_state, "param_groups": state["param_groups"]},
-                             options=_opts(broadcast_from_rank0=True))
+                             options=_opts(broadcast_from_rank0=distributed))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     v, internal, gauss = state["python_rng"]
     random.setstate((v, tuple(internal), gauss))

@@ -436,6 +436,16 @@ class LeaseTable:
             "counters": dict(self._counters),
         }
 
+    def expire_leases(self) -> int:
+        """End every outstanding lease now (a restarted learner cannot know whether those
+        workers are still at it): their groups are leased again first, in their order.
+        A late submission under an old lease is still accepted once."""
+        n = 0
+        for g in self._live.values():
+            if g.lease_id is not None:
+                g.deadline, n = 0.0, n + 1
+        return n
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version, self._taken_at_version = int(state["version"]), int(state["taken_at_version"])
         self._seq, self._lease_seq = int(state["seq"]), int(state["lease_seq"])

@@ -82,6 +82,7 @@ class Coordinator:
         if state:
             self.stream.load_state_dict(state["data"])
             self.table.load_state_dict(state["leases"])
+            self.table.expire_leases()
             self.run_id = state["run_id"]
         self.lock = threading.Lock()
         self.changed = threading.Event()
@@ -191,6 +192,7 @@ def run(cfg: LearnerConfig) -> None:
                        "reward/mean": float(batch.rewards.mean()), "reward/max": float(batch.rewards.max()),
                        "response_length/mean": float(resp.mean()),
                        "staleness/mean": float((version - 1 - batch.versions).float().mean()),
+                       "rollout/version_min": int(batch.versions.min()), "rollout/version_max": int(batch.versions.max()),
                        **metrics, "timing_s/wait_rollout": t_wait, "timing_s/step": time.perf_counter() - t0}
                 row["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / row["timing_s/step"]
                 row.update({f"leases/{k}": v for k, v in coord.table.stats().items()})

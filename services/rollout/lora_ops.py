@@ -49,6 +49,7 @@ EXPECTED_PROPERTIES = ("token_lora_indices", "sampler_indices")
 
 _PATCHED_FLAG = "_loraloop_fast_ops"
 _stock: dict[str, Any] = {}
+_announced = False
 
 
 class LoraOpsMismatch(RuntimeError):
@@ -193,10 +194,11 @@ def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_s
     groups = getattr(self, "_loraloop_tokens", None)
     w = None if groups is None else _fused(self, lora_a_stacked, lora_b_stacked)
     if (w is None or torch.compiler.is_compiling() or x.size(0) != groups.n_rows
-            or y.dim() != 2 or y.size(0) != x.size(0)):
+            or y.dim() != 2 or lora_b_stacked[0].dtype != y.dtype):
         return _stock["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                          output_slices, buffer=buffer, **kwargs)
     lora_linear(y, x, w, scale, tuple(output_slices), groups)
+    _announce()
     return None
 
 
@@ -207,13 +209,23 @@ def _add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffe
     y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
     a, b = (lora_a_stacked,), (lora_b_stacked,)
     w = None if groups is None else _fused(self, a, b)
-    if w is None or torch.compiler.is_compiling() or x2.size(0) != groups.n_rows:
+    if (w is None or torch.compiler.is_compiling() or x2.size(0) != groups.n_rows
+            or lora_b_stacked.dtype != y.dtype):
         return _stock["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                          buffer=buffer, **kwargs)
     # The adapter's vocab rows may be padded differently from the logits (as in bgmv_expand).
     common = min(y2.size(1), lora_b_stacked.size(2))
     lora_linear(y2, x2, w, scale, (common,), groups)
     return None
+
+
+def _announce() -> None:
+    # Logged at the first fast call, not at install: vLLM configures its log handlers in the
+    # engine processes only after the plugins have loaded.
+    global _announced
+    if not _announced:
+        _announced = True
+        log.info("fast CPU LoRA ops in use in pid %d", os.getpid())
 
 
 _REPLACEMENTS = {
@@ -274,7 +286,7 @@ def install_fast_cpu_lora_ops(strict: bool = False) -> bool:
         _stock[name] = getattr(PunicaWrapperCPU, name)
         setattr(PunicaWrapperCPU, name, fn)
     setattr(PunicaWrapperCPU, _PATCHED_FLAG, True)
-    log.info("fast CPU LoRA ops installed in pid %d", os.getpid())
+    log.debug("fast CPU LoRA ops installed in pid %d", os.getpid())
     return True
 
 

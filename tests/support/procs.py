@@ -171,3 +171,44 @@ class RolloutProc:
     def stop(self) -> None:
         _stop(self.proc, timeout=30)
         self.log.close()
+
+
+class LearnerProc:
+    """`loraloop learner` as a subprocess; `port` is read from <run_dir>/learner.port."""
+
+    def __init__(self, model_dir: Path, broker_target: str, run_dir: Path, *extra: str,
+                 start_timeout_s: float = 120.0) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "learner.port").unlink(missing_ok=True)
+        env = {**os.environ, "LORALOOP_TOKENS": TOKENS_ENV, "LORALOOP_TOKEN": TOKENS["learner"]}
+        args = [sys.executable, "-m", "services.cli", "learner", f"--model.path={model_dir}",
+                f"--broker={broker_target}", "--port=0", f"--run_dir={run_dir}", "--server.grace_s=1", *extra]
+        self.log_path = run_dir / "learner.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[2])
+        deadline = time.monotonic() + start_timeout_s
+        while not (run_dir / "learner.port").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("learner did not start:\n" + self.log_path.read_text()[-4000:])
+            time.sleep(0.1)
+        self.port = int((run_dir / "learner.port").read_text())
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self.log.close()
+        return rc
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
+        self.log.close()
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=30)
+        self.log.close()

@@ -359,3 +359,22 @@ def test_state_dict_resumes_the_same_batches_leases_and_accepted_set() -> None:
     assert ids(restored.lease("w3", now=3.0)) == ids(t.lease("w3", now=3.0)) == ["p4:5", "p5:6"]
     assert restored.add("p9", [1]).group_id == t.add("p9", [1]).group_id == "p9:7"
     assert restored.stats() == t.stats()
+
+
+def test_expire_leases_releases_outstanding_groups_first_in_order():
+    from services.learner.leases import LeaseTable
+
+    t = LeaseTable(adapter_name="p", samples_per_group=2, groups_per_batch=4, vocab_size=16,
+                   max_staleness=1, clock=lambda: 100.0, current_version=1)
+    for k in range(6):
+        t.add(f"u{k}", [1, 3 + k])
+    first = t.lease("w1", 3)
+    assert [g.group_id for g in first.groups] == ["u0:1", "u1:2", "u2:3"]
+    restored = LeaseTable(adapter_name="p", samples_per_group=2, groups_per_batch=4, vocab_size=16,
+                          max_staleness=1, clock=lambda: 100.0)
+    restored.load_state_dict(t.state_dict())
+    assert restored.lease("w2", 3) is not None  # fresh groups while the old lease still runs
+    restored.load_state_dict(t.state_dict())
+    assert restored.expire_leases() == 3
+    again = restored.lease("w2", 3)
+    assert [g.group_id for g in again.groups] == ["u0:1", "u1:2", "u2:3"]

@@ -1,0 +1,174 @@
+"""services.rollout.lora_ops: the fast CPU LoRA ops against vLLM's stock torch ops, and the guard
+that fails loudly when a vLLM upgrade changes what they replace."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from services.rollout import lora_ops  # noqa: E402
+
+SLOTS, RANK = 4, 16
+# (input size, output slices): qkv with GQA, o_proj, gate_up, down_proj of a small Qwen2
+LAYERS = [(64, (64, 16, 16)), (64, (64,)), (64, (176, 176)), (176, (64,))]
+# Per-token adapter slot, -1 = no adapter
+MAPPINGS = {
+    "one adapter": [2] * 9,
+    "mixed": [0, 1, 0, 2, 2, 1, 0, 2, 1],
+    "mixed with -1": [-1, 1, 0, -1, 2, 1, -1, 0, 2],
+    "one adapter with -1": [-1, 1, 1, -1, 1],
+    "all -1": [-1] * 5,
+    "slot gap": [0, 2, 2, 0],
+}
+
+
+def stacked(in_size: int, slices: tuple[int, ...], empty_last: bool = True, seed: int = 0):
+    """vLLM's layout: per slice A (slots, 1, rank, in) and B (slots, 1, out, rank); scaled so
+    outputs are O(1) and 1e-5 is a relative tolerance. Stock ops read slot -1 (the last one) for
+    tokens without adapter, so it is left empty where they are the reference."""
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, RANK, in_size, generator=g) / in_size**0.5 for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, out, RANK, generator=g) / RANK**0.5 for out in slices)
+    if empty_last:
+        for t in (*a, *b):
+            t[SLOTS - 1] = 0
+    return a, b
+
+
+def stock_lora_linear(y, x, a, b, scale, slices, idx):
+    from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+    bufs = [torch.zeros(x.size(0), RANK) for _ in slices]
+    for i in range(len(slices)):
+        bgmv_shrink(x, a[i], bufs[i], idx, scale)
+    off = 0
+    for i, size in enumerate(slices):
+        bgmv_expand_slice(bufs[i], b[i], y, idx, off, size, True)
+        off += size
+
+
+def loop_reference(y, x, a, b, scale, slices, idx):
+    """Row by row, skipping rows without adapter: what LoRA means."""
+    for row, slot in enumerate(idx.tolist()):
+        if slot < 0:
+            continue
+        off = 0
+        for i, size in enumerate(slices):
+            y[row, off: off + size] += scale * (x[row] @ a[i][slot, 0].T) @ b[i][slot, 0].T
+            off += size
+
+
+@pytest.mark.parametrize("in_size,slices", LAYERS)
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+def test_lora_linear_matches_stock_ops(in_size, slices, mapping):
+    idx = torch.tensor(MAPPINGS[mapping])
+    a, b = stacked(in_size, slices)
+    x = torch.randn(len(idx), in_size)
+    y0 = torch.randn(len(idx), sum(slices))
+    want, got = y0.clone(), y0.clone()
+    stock_lora_linear(want, x, a, b, 0.5, slices, idx)
+    lora_ops.lora_linear(got, x, lora_ops.fuse_lora_weights(a, b), 0.5, slices,
+                         lora_ops.group_tokens(idx))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_without_adapter_are_untouched_when_every_slot_is_used():
+    # Stock ops would apply the adapter in the last slot to these rows (lora_weights[-1]).
+    idx = torch.tensor([-1, 3, 0, -1, 1, 2, 3])
+    a, b = stacked(64, (64, 16, 16), empty_last=False)
+    x, y0 = torch.randn(len(idx), 64), torch.randn(len(idx), 96)
+    want, got = y0.clone(), y0.clone()
+    loop_reference(want, x, a, b, 1.0, (64, 16, 16), idx)
+    lora_ops.lora_linear(got, x, lora_ops.fuse_lora_weights(a, b), 1.0, (64, 16, 16),
+                         lora_ops.group_tokens(idx))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[[0, 3]], y0[[0, 3]])
+
+
+def test_fused_weights_follow_a_new_adapter_in_a_slot():
+    a, b = stacked(64, (64, 16, 16))
+    fused = lora_ops.fuse_lora_weights(a, b)
+    assert lora_ops.fuse_lora_weights(a, b, fused) is fused  # nothing written: reused
+    a[1][0, 0].copy_(torch.randn(RANK, 64))  # what vLLM's set_lora does
+    refreshed = lora_ops.fuse_lora_weights(a, b, fused)
+    assert refreshed is not fused
+    torch.testing.assert_close(refreshed.a_t[0, :, :RANK], a[0][0, 0].T, rtol=0, atol=0)
+
+
+@pytest.fixture
+def installed():
+    assert lora_ops.install_fast_cpu_lora_ops(strict=True)
+    yield
+    lora_ops.uninstall_fast_cpu_lora_ops()
+
+
+def wrapper_with_mapping(lora_ids: list[int], lora_index_to_id: list[int | None]):
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    w = PunicaWrapperCPU(64, max_batches=8, device="cpu")
+    w.update_metadata(LoRAMapping(tuple(lora_ids), tuple(lora_ids), is_prefill=True),
+                      lora_index_to_id, SLOTS + 1, 32)
+    return w
+
+
+@pytest.mark.parametrize("lora_ids", [[7, 7, 7, 7], [5, 0, 7, 9, 7, 5], [0, 0, 0]])
+def test_patched_wrapper_matches_stock_wrapper(installed, lora_ids):
+    # Slots 0..2 hold adapters 5, 7, 9; lora id 0 is "no adapter".
+    slot_ids = [5, 7, 9, None]
+    a, b = stacked(64, (64, 16, 16))
+    x, y0 = torch.randn(len(lora_ids), 64), torch.randn(len(lora_ids), 96)
+    got = y0.clone()
+    fast = wrapper_with_mapping(lora_ids, slot_ids)
+    fast.add_lora_linear(got, x, a, b, 1.0, (64, 16, 16))
+    assert fast._loraloop_fused  # the fast path ran, not the stock fallback
+    lora_ops.uninstall_fast_cpu_lora_ops()
+    want = y0.clone()
+    wrapper_with_mapping(lora_ids, slot_ids).add_lora_linear(want, x, a, b, 1.0, (64, 16, 16))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_wrapper_logits_match_stock(installed):
+    slot_ids = [5, 7, 9, None]
+    lora_ids = [7, 0, 5, 7]
+    (a,), (b,) = stacked(64, (40,))  # lm_head adapter rows padded beyond the 32 logits
+    x, y0 = torch.randn(len(lora_ids), 64), torch.randn(len(lora_ids), 32)
+    got = y0.clone()
+    fast = wrapper_with_mapping(lora_ids, slot_ids)
+    fast.add_lora_logits(got, x, a, b, 1.0)
+    assert fast._loraloop_fused  # the fast path ran, not the stock fallback
+    lora_ops.uninstall_fast_cpu_lora_ops()
+    want = y0.clone()
+    wrapper_with_mapping(lora_ids, slot_ids).add_lora_logits(want, x, a, b, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_installed_vllm_has_what_the_fast_ops_replace():
+    """Fails on a vLLM upgrade that moves or re-signs PunicaWrapperCPU's methods: re-check the
+    fast ops against the new stock ops, then update EXPECTED_PARAMS."""
+    assert lora_ops.check_vllm_lora_api() == []
+
+
+def test_install_is_idempotent_and_reversible(installed):
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    assert PunicaWrapperCPU.add_lora_linear is lora_ops._add_lora_linear
+    assert lora_ops.install_fast_cpu_lora_ops()  # plugins may be loaded twice in one process
+    lora_ops.uninstall_fast_cpu_lora_ops()
+    assert PunicaWrapperCPU.add_lora_linear is not lora_ops._add_lora_linear
+
+
+def test_a_changed_signature_keeps_the_stock_ops(monkeypatch):
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, output_slices, **kwargs):
+        pass
+
+    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear", add_lora_linear)
+    assert any("add_lora_linear" in p for p in lora_ops.check_vllm_lora_api())
+    with pytest.raises(lora_ops.LoraOpsMismatch, match="add_lora_linear"):
+        lora_ops.install_fast_cpu_lora_ops(strict=True)
+    assert not lora_ops.install_fast_cpu_lora_ops()
+    assert PunicaWrapperCPU.add_lora_linear is add_lora_linear
