@@ -149,6 +149,29 @@ def load_config(model: type[M], path: str | Path | None, overrides: dict[str, An
         raise SystemExit(f"invalid configuration{f' in {path}' if path else ''}:\n" + "\n".join(lines)) from None
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any], _prefix: str = "") -> str:
+    """A config dict (scalars, lists, nested sections) as TOML; None values are left out
+    (the model's default applies)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            body = to_toml(v, f"{_prefix}{k}.")
+            lines += ["", f"[{_prefix}{k}]", body] if body.strip() else []
+    return "\n".join(lines).strip() + "\n"
+
+
 def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
     """Help lines for every field, dotted, with its default and docstring."""
     lines = []

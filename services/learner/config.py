@@ -50,6 +50,8 @@ class AlgoConfig(Section):
     """Truncated importance weight cap against the rollout's behaviour log-probs; none to disable."""
     kl_coef: float = Field(0.0, ge=0)
     """KL-to-reference coefficient (reference = base with the adapter disabled)."""
+    log_kl: bool = True
+    """Measure KL to the reference every step even when kl_coef is 0 (one extra forward)."""
     kl_type: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (k3 = low-variance)."""
     kl_in_reward: bool = False

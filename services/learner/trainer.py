@@ -80,7 +80,7 @@ class Trainer:
         mine = rows[self.rank :: self.world]
         local = batch.rows(mine)
         old_lp = self._logprobs(local)
-        ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 else None
+        ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 or cfg.log_kl else None
         # Advantages need the whole batch (group statistics). With KL in the reward, every
         # rank needs every row's reference log-probs: rows are few here, so all compute all.
         penalty = None
