@@ -42,6 +42,12 @@ class RolloutWorker:
         self.stats = {"groups_submitted": 0, "groups_refused": 0, "resubmits": 0}
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            log.info("rollout worker done: %s", json.dumps(self.stats))
+
+    async def _run(self) -> None:
         async with grpc.aio.insecure_channel(self.cfg.learner) as channel:
             stub = lpb_grpc.LearnerStub(channel)
             sem = asyncio.Semaphore(self.cfg.leases_in_flight)

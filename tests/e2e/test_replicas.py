@@ -1,0 +1,70 @@
+"""Scaling replicas (issue 5, point 3): a rollout started by hand joins a running stack and
+shares the work; another replica is killed; the run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from services.learner.metrics import read_metrics
+from tests.support.procs import free_port
+from tests.support.proctree import alive, descendants
+
+STEPS = 80
+
+
+def _env_file(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_add_a_replica_kill_another_run_completes(tmp_path):
+    run = tmp_path / "run"
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), "--steps", str(STEPS),
+                           "--learner.data.lease_deadline_s=5"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    extra = None
+    try:
+        deadline = time.monotonic() + 900
+        while len(read_metrics(run)) < 5:  # training is under way
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        env = _env_file(run / "stack.env")
+        # A replica started by hand, from the stack's own rollout.toml.
+        extra_log = open(tmp_path / "extra-rollout.log", "wb")  # noqa: SIM115
+        extra = subprocess.Popen([sys.executable, "-m", "services.cli", "rollout", str(run / "rollout.toml"),
+                                  "--port", str(free_port()), "--worker_id=by-hand"],
+                                 env={**os.environ, "LORALOOP_TOKEN": env["LORALOOP_ROLLOUT_TOKEN"],
+                                      "LORALOOP_TOKENS": f"client:{env['LORALOOP_CLIENT_TOKEN']}",
+                                      "VLLM_CPU_OMP_THREADS_BIND": "1"},
+                                 stdout=extra_log, stderr=subprocess.STDOUT)
+        while "loaded policy@v" not in (tmp_path / "extra-rollout.log").read_text():  # caught up
+            assert extra.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        # Kill the original replica (SIGKILL, by its pid): `up` replaces it, its leases are re-issued.
+        pids = json.loads((run / "logs" / "pids.json").read_text())
+        victim = pids["rollout-0"]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = up.communicate(timeout=900)
+        assert up.returncode == 0, out[-3000:]
+        assert "rollout-0 exited" in out and "starting a replacement" in out
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if extra is not None:
+            tree = descendants(extra.pid)
+            extra.send_signal(signal.SIGTERM)
+            extra.wait(60)
+            for p in tree:
+                assert not alive(p) or p == extra.pid
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    text = (tmp_path / "extra-rollout.log").read_text()
+    done = [line for line in text.splitlines() if "rollout worker done: " in line]
+    assert done, "the hand-started replica did not report"
+    stats = json.loads(done[-1].split("rollout worker done: ", 1)[1])
+    assert stats["groups_submitted"] > 0, "the hand-started replica did no work"
