@@ -23,7 +23,7 @@ from services.rollout.config import RolloutConfig
 # The tiny arithmetic demo (shared/measurements.md): GRPO, 32 prompts x 8 samples, T=1,
 # LoRA r=16 alpha=32 on all linear layers, AdamW lr 1e-3, token-mean, no KL.
 DEMO_LEARNER = LearnerConfig(
-    steps=400, threads=1,
+    steps=700, threads=1,
     model=ModelConfig(lora_rank=16, lora_alpha=32.0, target_modules="all-linear"),
     algo=AlgoConfig(advantage="grpo", lr=1e-3, loss_agg="token-mean", kl_coef=0.0, max_staleness=1),
     data=DataConfig(dataset="arithmetic", groups_per_step=32, samples_per_group=8, max_tokens=3,
