@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import config_cli, to_toml
+from services.common.net import free_port
 from services.stack_config import ALIASES, StackConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -77,24 +71,18 @@ class Supervisor:
 
 
 def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from services.common import net
 
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            for n in names:
-                if sup.procs[n].poll() is not None:
-                    raise RuntimeError(f"{n} exited with code {sup.procs[n].returncode}:\n{sup.log_tail(n)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{', '.join(names)} not healthy after {timeout_s:.0f}s (logs in {sup.log_dir})")
-            time.sleep(0.2)
+    def exited() -> str | None:
+        for n in names:
+            if sup.procs[n].poll() is not None:
+                return f"{n} exited with code {sup.procs[n].returncode}:\n{sup.log_tail(n)}"
+        return None
+
+    try:
+        net.wait_healthy(target, timeout_s, exited)
+    except TimeoutError:
+        raise RuntimeError(f"{', '.join(names)} not healthy after {timeout_s:.0f}s (logs in {sup.log_dir})") from None
 
 
 def prepare_model(cfg: StackConfig, run_dir: Path) -> Path:

@@ -101,19 +101,9 @@ class BrokerClient:
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the broker answers its health check."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from services.common.net import wait_healthy
 
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"broker at {self.target} not healthy after {timeout_s}s")
-            time.sleep(0.1)
+        wait_healthy(self.target, timeout_s, channel=self.channel)
 
     # ------------------------------------------------------------ publisher side
 

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 
 from services.common.config import config_cli
+from services.common.net import free_port
 from services.learner.config import ALIASES, LearnerConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +18,7 @@ def main(argv: list[str]) -> int:
                      "version to the broker. With --nproc N it runs N ranks under torchrun.", ALIASES)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}",
-                f"--master_port={_free_port()}", "-m", "services.cli", "learner", *argv]
+                f"--master_port={free_port()}", "-m", "services.cli", "learner", *argv]
         os.execv(sys.executable, args)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,

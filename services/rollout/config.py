@@ -22,8 +22,9 @@ class EngineConfig(Section):
     """Adapters kept loaded in the engine's host cache (LRU beyond; reloaded from the local cache)."""
     max_lora_rank: int = Field(16, ge=1)
     """Largest adapter rank accepted; higher-rank adapters are refused."""
-    kv_cache_gib: float = Field(1.0, gt=0)
-    """CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); GPU builds use gpu_memory_utilization."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer); GPU builds use
+    gpu_memory_utilization."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """Fraction of GPU memory for the engine (GPU builds only)."""
     cpu_threads_bind: str = "auto"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from pathlib import Path
 
 import redis
 
+from services.common.net import free_port, wait_healthy
+
 TOKENS = {"learner": "tok-learner", "rollout": "tok-rollout", "client": "tok-client"}
 TOKENS_ENV = ",".join(f"{role}:{tok}" for role, tok in TOKENS.items())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -147,22 +142,14 @@ class RolloutProc:
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[2])
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        def exited() -> str | None:
+            return "exited" if self.proc.poll() is not None else None
 
-        deadline = time.monotonic() + start_timeout_s
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("rollout did not start:\n" + self.log_path.read_text()[-4000:])
-                time.sleep(0.5)
+        try:
+            wait_healthy(self.target, start_timeout_s, exited)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise RuntimeError("rollout did not start:\n" + self.log_path.read_text()[-4000:]) from None
 
     @property
     def target(self) -> str:
