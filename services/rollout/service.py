@@ -141,3 +141,17 @@ async def run(cfg: RolloutConfig) -> None:
         engine.shutdown()
         manager.close()
         broker.close()
+        reap_children()
+
+
+def reap_children(timeout_s: float = 10.0) -> None:
+    """vLLM's engine runs in child processes; do not exit before they have (a stopped
+    server leaves nothing behind)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.join(timeout_s)
+        if child.is_alive():
+            log.warning("engine process %d did not exit; killing it", child.pid)
+            child.kill()
+            child.join(5)
