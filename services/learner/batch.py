@@ -31,6 +31,9 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
     def rows(self, idx: torch.Tensor | slice) -> Batch:
         return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
@@ -68,20 +71,29 @@ def collate(groups: Sequence, pad_id: int = 0) -> Batch:
 _DTYPES = [torch.long, torch.long, torch.float32, torch.float32, torch.float32, torch.long, torch.long]
 
 
+def comm_device() -> torch.device:
+    """Where collectives run: the local GPU under nccl, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast(batch: Batch | None, src: int = 0) -> Batch:
-    """Rank `src` sends `batch`; every rank returns it. A no-op without torch.distributed."""
+    """Rank `src` sends `batch`; every rank returns it (on the CPU). A no-op without
+    torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         assert batch is not None
         return batch
-    shape = torch.tensor(list(batch.input_ids.shape) if batch is not None else [0, 0])
+    dev = comm_device()
+    shape = torch.tensor(list(batch.input_ids.shape) if batch is not None else [0, 0], device=dev)
     dist.broadcast(shape, src)
     n, length = int(shape[0]), int(shape[1])
     out = []
     for f, dtype in zip(fields(Batch), _DTYPES, strict=True):
         per_token = f.name in ("input_ids", "attention_mask", "response_mask", "behaviour_logprobs")
-        t = getattr(batch, f.name).to(dtype) if batch is not None else \
-            torch.zeros((n, length) if per_token else (n,), dtype=dtype)
+        t = getattr(batch, f.name).to(dev, dtype) if batch is not None else \
+            torch.zeros((n, length) if per_token else (n,), dtype=dtype, device=dev)
         t = t.contiguous()
         dist.broadcast(t, src)
-        out.append(t)
+        out.append(t.cpu())
     return Batch(*out)

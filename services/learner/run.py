@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from loraloop.v1 import rollout_pb2 as rpb
-from services.learner.batch import broadcast, collate
+from services.learner.batch import broadcast, collate, comm_device
 from services.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from services.learner.config import LearnerConfig
 from services.learner.policy import Policy
@@ -149,7 +149,7 @@ def _publish_adapter(policy: Policy, coord: Coordinator | None, step: int) -> in
         policy.save_adapter(tmp)
         version = coord.publish(Path(tmp), step) if coord else 0
     if dist.is_initialized():
-        t = torch.tensor([version])
+        t = torch.tensor([version], device=comm_device())
         dist.broadcast(t, 0)
         version = int(t)
     return version
@@ -161,7 +161,11 @@ def run(cfg: LearnerConfig) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    policy = Policy(cfg.model)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one GPU per rank (torchrun's LOCAL_RANK)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    policy = Policy(cfg.model, device)
     trainer = Trainer(policy, cfg.algo, temperature=cfg.data.temperature, max_len=cfg.data.max_tokens)
     ckpt = _resume_path(cfg)
     state = None

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from services.learner import algorithms as A
-from services.learner.batch import Batch
+from services.learner.batch import Batch, comm_device
 from services.learner.config import AlgoConfig
 from services.learner.policy import Policy
 
@@ -31,7 +31,7 @@ def _all_reduce_sum(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return {k: float(v) for k, v in zip(keys, t, strict=True)}
 
@@ -76,7 +76,8 @@ class Trainer:
         """One update on `batch` (the same full batch on every rank)."""
         t0 = time.perf_counter()
         cfg = self.cfg
-        rows = torch.arange(batch.size)
+        batch = batch.to(self.policy.device)
+        rows = torch.arange(batch.size, device=batch.input_ids.device)
         mine = rows[self.rank :: self.world]
         local = batch.rows(mine)
         old_lp = self._logprobs(local)

@@ -1,0 +1,270 @@
+"""Ray actors around the code the `loraloop` commands run: redis-server, the broker and
+rollout servers (their `run(cfg)` on a thread with its own event loop), and one learner rank
+per actor (`services.learner.run.run(cfg)`). Ray only places and supervises them; the
+services know nothing of Ray. torch and vLLM are imported inside the actors, on their node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# kind -> (config class, run coroutine): what `loraloop broker|rollout` runs.
+SERVICES = {
+    "broker": ("services.broker.config:BrokerConfig", "services.broker.service:run"),
+    "rollout": ("services.rollout.config:RolloutConfig", "services.rollout.service:run"),
+}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_address(host: str | None) -> str:
+    """`host` if given (127.0.0.1 on a local Ray), else this node's address on the cluster."""
+    return host or ray.util.get_node_ip_address()
+
+
+def process_tree(root: int | None = None) -> list[int]:
+    """`root` (default: this process) and its descendants, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [root or os.getpid()]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Block until `target` answers grpc.health.v1 with SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    # Short reconnect backoff: a server that takes minutes to come up (vLLM) is seen at once.
+    backoff = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    with grpc.insecure_channel(target, options=backoff) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if not alive():
+                raise RuntimeError(f"{target} exited before serving")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} not serving after {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+
+def _configure_logging(level: str, role: str) -> None:
+    logging.basicConfig(level=level, force=True,
+                        format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if this actor dies without stopping it (prctl
+    PR_SET_PDEATHSIG; tied to the forking thread, so call it from the actor's main thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@ray.remote
+class RedisServer:
+    """redis-server as this actor's child: AOF with appendfsync always (the broker refuses
+    anything less), password-protected (given on stdin, never on the command line)."""
+
+    def __init__(self, data_dir: str, host: str | None, password: str) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server not found on this node (Debian: apt-get install redis-server)")
+        import redis
+
+        self.host = node_address(host)
+        self.port = free_port(self.host)
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "-", "--port", str(self.port), "--bind", self.host, "--dir", data_dir,
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                "--logfile", str(Path(data_dir) / "redis.log")]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"requirepass {password}\n".encode())
+        self.proc.stdin.close()
+        client = redis.Redis(host=self.host, port=self.port, password=password, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start; see {data_dir}/redis.log")
+            time.sleep(0.1)
+        client.close()
+
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def pids(self) -> list[int]:
+        return process_tree()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@ray.remote(max_concurrency=4)
+class ServiceActor:
+    """One gRPC service (`broker` or `rollout`) on its own thread and event loop in this actor.
+
+    `run(cfg)` takes no stop hook, so `stop()` cancels it: its `finally` blocks still run (the
+    rollout shuts its vLLM engine process down, the broker closes Redis)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in SERVICES:
+            raise ValueError(f"unknown service {kind!r}; one of {sorted(SERVICES)}")
+        self.kind = kind
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._error: str | None = None
+        self._stopping = False
+
+    def start(self, cfg: dict[str, Any], host: str | None, timeout_s: float) -> str:
+        """Serve on a free port of this node; returns host:port once its health check passes."""
+        config_cls, run = (_load(ref) for ref in SERVICES[self.kind])
+        host = node_address(host)
+        port = free_port(host)
+        config = config_cls.model_validate({**cfg, "server": {**cfg.get("server", {}), "host": host, "port": port}})
+        _configure_logging(config.log_level, self.kind)
+        self._thread = threading.Thread(target=self._serve, args=(run, config), name=f"loraloop-{self.kind}",
+                                        daemon=True)
+        self._thread.start()
+        target = f"{host}:{port}"
+        try:
+            wait_serving(target, timeout_s, alive=self._thread.is_alive)
+        except (RuntimeError, TimeoutError) as e:
+            if self._stopping:
+                return ""  # stopped while starting: nothing to report
+            raise RuntimeError(f"{self.kind} did not start: {e}\n{self._error or ''}") from None
+        return target
+
+    def _serve(self, run: Callable[[Any], Any], config: Any) -> None:
+        async def main() -> None:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            if not self._stopping:
+                await run(config)
+
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            pass  # stop()
+        except BaseException as e:  # SystemExit included: reported by join()/start()
+            self._error = "".join(traceback.format_exception(e))
+            log.error("%s failed:\n%s", self.kind, self._error)
+
+    def join(self) -> None:
+        """Block until the service ends; raises if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"{self.kind} failed:\n{self._error}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping = True
+        if self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed: the service had ended
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def pids(self) -> list[int]:
+        return process_tree()
+
+
+@ray.remote(max_concurrency=2)
+class LearnerRank:
+    """One learner rank: `services.learner.run.run(cfg)` with its torch.distributed env
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; gloo on CPU, nccl on GPUs)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._done = False
+
+    def placement(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def free_port(self, host: str) -> int:
+        return free_port(host)
+
+    def run(self, cfg: dict[str, Any], env: dict[str, str]) -> None:
+        """Train to the configured step count; returns when done (raises if the rank failed)."""
+        os.environ.update(env)
+        from services.learner.config import LearnerConfig
+
+        config = LearnerConfig.model_validate(cfg)
+        _configure_logging(config.log_level, f"learner[{self.rank}]")
+        from services.learner.run import run
+
+        try:
+            run(config)
+        except SystemExit as e:  # a SystemExit would end the actor instead of reporting the error
+            raise RuntimeError(f"learner rank {self.rank}: {e}") from None
+        finally:
+            self._done = True
+
+    def wait_serving(self, target: str, timeout_s: float) -> bool:
+        """True once rank 0 serves leases; False if the run ended first (nothing left to train)."""
+        try:
+            wait_serving(target, timeout_s, alive=lambda: not self._done)
+        except RuntimeError:
+            if self._done:
+                return False
+            raise
+        return True
+
+    def pids(self) -> list[int]:
+        return process_tree()
