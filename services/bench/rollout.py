@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 
 from services.bench.broker import (
     ROLES,
-    _free_port,
     _pct,
     _read_lines,
     _stop,
@@ -191,12 +190,11 @@ async def measure_throughput(engine: Engine, handles: list, args: argparse.Names
 
 
 def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir: Path,
-                  cache_dir: Path) -> tuple[subprocess.Popen, str]:
-    """`loraloop rollout` following "bench"; returns once its health check passes."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+                  cache_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, str]:
+    """`loraloop rollout` following "bench" (log in `workdir`); returns once its health check passes."""
+    from services.common.net import free_port, wait_healthy
 
-    port = _free_port()
+    port = free_port()
     log_path = workdir / f"rollout-{port}.log"
     env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
            "LORALOOP_TOKEN": tokens["rollout"]}
@@ -204,22 +202,19 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
              f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
-             f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", "--log_level=WARNING"],
+             f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", f"--log_level={log_level}"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return proc, target
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
-                raise SystemExit(f"rollout server did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
+
+    def still_alive() -> str | None:
+        return None if proc.poll() is None else f"rollout server exited:\n{log_path.read_text()[-4000:]}"
+
+    try:
+        wait_healthy(target, 300, still_alive)
+    except (RuntimeError, TimeoutError) as e:
+        _stop(proc)
+        raise SystemExit(f"rollout server did not start: {e}") from None
+    return proc, target
 
 
 class RolloutStub:
@@ -503,9 +498,6 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    # Engine.start sets str(kv_cache_gib) = "1.0", which vLLM 0.32 refuses (it wants an int); an
-    # integer here wins (setdefault), for this process and the rollout server it starts.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="loraloop-bench-rollout-"))
     shm_root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
     shm = Path(tempfile.mkdtemp(prefix="loraloop-bench-rollout-", dir=shm_root))

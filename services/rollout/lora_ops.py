@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,10 +66,20 @@ class TokenGroups:
     n_rows: int
     single: int  # the slot every row uses, or -1 (mixed, or some rows without adapter)
     any_lora: bool
-    slot_lo: int = 0  # mixed: groups are slots slot_lo .. slot_lo + n_groups - 1
+    # Mixed: rows with an adapter sorted by slot, and (slot, start, end) ranges of `order`.
+    order: torch.Tensor | None = None
+    segments: tuple[tuple[int, int, int], ...] = ()
+    # Mixed and balanced: one padded group per slot in slot_lo .. slot_lo + n_groups - 1 (empty
+    # for unused slots in between, so the groups' weights are a slice of the stacked weights).
+    slot_lo: int = 0
     n_groups: int = 0
     gather: torch.Tensor | None = None  # (n_groups * width,) row of each padded group position
     mask: torch.Tensor | None = None  # (n_groups, width, 1) 1.0 for real rows, 0.0 for padding
+
+
+# Padded groups cost n_groups * width rows of matmul; past this many times the real rows (e.g. a
+# long prefill chunk for one adapter beside decode tokens of others), one matmul per group instead.
+MAX_PADDING = 2.0
 
 
 def group_tokens(indices: torch.Tensor) -> TokenGroups:
@@ -83,38 +93,48 @@ def group_tokens(indices: torch.Tensor) -> TokenGroups:
         return TokenGroups(n, -1, False)
     if len(used) == 1 and -1 not in slots:
         return TokenGroups(n, used[0], True)
-    # One group per slot in [lo, hi] (unused slots in between are empty groups), so the stacked
-    # weights of the groups are a slice of the slot dimension, not a copy.
     lo, hi = used[0], used[-1]
     rows: list[list[int]] = [[] for _ in range(hi - lo + 1)]
     for i, s in enumerate(slots):
         if s >= 0:
             rows[s - lo].append(i)
+    order = [i for r in rows for i in r]
+    segments, start = [], 0
+    for g, r in enumerate(rows):
+        if r:
+            segments.append((lo + g, start, start + len(r)))
+            start += len(r)
+    device = indices.device
     width = max(len(r) for r in rows)
+    if len(rows) * width > MAX_PADDING * len(order):
+        return TokenGroups(n, -1, True, torch.tensor(order, device=device), tuple(segments))
     gather = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, 1)
     for g, r in enumerate(rows):
         gather[g, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[g, : len(r)] = 1.0
-    return TokenGroups(n, -1, True, lo, len(rows), gather.view(-1).to(indices.device),
-                       mask.to(indices.device))
+    return TokenGroups(n, -1, True, torch.tensor(order, device=device), tuple(segments), lo,
+                       len(rows), gather.view(-1).to(device), mask.to(device))
 
 
 @dataclass
 class FusedLora:
-    """One LoRA layer's stacked weights laid out for the fast ops (views where possible)."""
+    """One LoRA layer's stacked weights laid out for the fast ops."""
 
     a_t: torch.Tensor  # (slots, in, n_slices * rank): all slices' A, transposed, float32
-    b_t: tuple[torch.Tensor, ...]  # per slice (slots, rank, out_i), transposed view of B
+    b_t: tuple[torch.Tensor, ...]  # per slice (slots, rank, out_i): B transposed (a view)
     rank: int
-    versions: tuple[int, ...]  # _version of the source tensors when a_t was built
+    versions: tuple[int, ...]  # _version of the source tensors when this was built
     sources: tuple[torch.Tensor, ...]
+    dense: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # see dense_weights
+    # (slot, output_slices) -> views used by one-adapter steps, so no per-call slicing
+    slot_views: dict = field(default_factory=dict)
 
 
 def fuse_lora_weights(a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...],
                       cached: FusedLora | None = None) -> FusedLora:
-    """A of all slices concatenated (a copy only for several slices or a non-float32 dtype,
-    rebuilt when vLLM writes an adapter into a slot: the tensors' _version changes)."""
+    """A of all slices concatenated (a copy only for several slices or a non-float32 dtype),
+    rebuilt when vLLM writes an adapter into a slot: the tensors' _version changes."""
     import torch
 
     sources = (*a_stacked, *b_stacked)
@@ -130,12 +150,21 @@ def fuse_lora_weights(a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torc
     return FusedLora(a_cat.transpose(1, 2), b_t, a_stacked[0].size(2), versions, sources)
 
 
-def _expand_into(y: torch.Tensor, buf: torch.Tensor, b_t: tuple[torch.Tensor, ...], rank: int,
-                 output_slices: tuple[int, ...], slot: int) -> None:
-    off = 0
+def dense_weights(w: FusedLora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Contiguous copies of a_t and b_t, made on the first mixed batch: torch's CPU bmm is ~1.5x
+    slower on transposed views (measured), while mm is not, so one-adapter steps use the views."""
+    if w.dense is None:
+        w.dense = (w.a_t.contiguous(), tuple(b.contiguous() for b in w.b_t))
+    return w.dense
+
+
+def _slot_views(w: FusedLora, slot: int, output_slices: tuple[int, ...]):
+    pieces, off = [], 0
     for i, size in enumerate(output_slices):
-        y[:, off: off + size].addmm_(buf[:, i * rank: (i + 1) * rank], b_t[i][slot, :, :size])
+        pieces.append((slice(off, off + size), slice(i * w.rank, (i + 1) * w.rank),
+                       w.b_t[i][slot, :, :size]))
         off += size
+    return w.a_t[slot], tuple(pieces)
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
@@ -148,24 +177,52 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
     xf = x if x.dtype == torch.float32 else x.float()
     r = w.rank
     if groups.single >= 0:
-        buf = torch.mm(xf, w.a_t[groups.single])
+        views = w.slot_views.get((groups.single, output_slices))
+        if views is None:
+            views = w.slot_views[(groups.single, output_slices)] = _slot_views(w, groups.single,
+                                                                             output_slices)
+        a_s, pieces = views
+        buf = torch.mm(xf, a_s)
         if scale != 1.0:
             buf.mul_(scale)
-        _expand_into(y, buf.to(y.dtype), w.b_t, r, output_slices, groups.single)
+        buf = buf.to(y.dtype)
+        for y_cols, buf_cols, b_s in pieces:
+            y[:, y_cols].addmm_(buf[:, buf_cols], b_s)
         return
+    if groups.gather is None:
+        _lora_linear_per_group(y, xf, w, scale, output_slices, groups)
+        return
+    a_t, b_t = dense_weights(w)
     lo, hi, width = groups.slot_lo, groups.slot_lo + groups.n_groups, groups.mask.size(1)
     xs = xf.index_select(0, groups.gather).view(groups.n_groups, width, -1)
-    buf = torch.bmm(xs, w.a_t[lo:hi])
+    buf = torch.bmm(xs, a_t[lo:hi])
     # Padding rows are zeroed here, so what they add back (into row 0) below is exactly zero.
     buf.mul_(groups.mask if scale == 1.0 else groups.mask * scale)
     buf = buf.to(y.dtype)
-    out = torch.empty(groups.n_groups, width, sum(output_slices), dtype=y.dtype, device=y.device)
-    off = 0
-    for i, size in enumerate(output_slices):
-        torch.bmm(buf[:, :, i * r: (i + 1) * r], w.b_t[i][lo:hi, :, :size],
-                  out=out[:, :, off: off + size])
-        off += size
+    outs = [torch.bmm(buf[:, :, i * r: (i + 1) * r], b_t[i][lo:hi, :, :size])
+            for i, size in enumerate(output_slices)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     y[:, : out.size(2)].index_add_(0, groups.gather, out.view(-1, out.size(2)))
+
+
+def _lora_linear_per_group(y: torch.Tensor, xf: torch.Tensor, w: FusedLora, scale: float,
+                           output_slices: tuple[int, ...], groups: TokenGroups) -> None:
+    import torch
+
+    r = w.rank
+    xs = xf.index_select(0, groups.order)
+    out = torch.zeros(xs.size(0), sum(output_slices), dtype=y.dtype, device=y.device)
+    for slot, start, end in groups.segments:
+        buf = torch.mm(xs[start:end], w.a_t[slot])
+        if scale != 1.0:
+            buf.mul_(scale)
+        buf = buf.to(y.dtype)
+        off = 0
+        for i, size in enumerate(output_slices):
+            out[start:end, off: off + size].addmm_(buf[:, i * r: (i + 1) * r],
+                                                   w.b_t[i][slot, :, :size])
+            off += size
+    y[:, : out.size(1)].index_add_(0, groups.order, out)
 
 
 # ---------------------------------------------------------------- the PunicaWrapperCPU methods

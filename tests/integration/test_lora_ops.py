@@ -21,6 +21,8 @@ MAPPINGS = {
     "one adapter with -1": [-1, 1, 1, -1, 1],
     "all -1": [-1] * 5,
     "slot gap": [0, 2, 2, 0],
+    # one adapter's long prefill chunk beside others' decode tokens: one matmul per group
+    "unbalanced": [0] * 20 + [2, -1, 1],
 }
 
 
@@ -72,6 +74,11 @@ def test_lora_linear_matches_stock_ops(in_size, slices, mapping):
     lora_ops.lora_linear(got, x, lora_ops.fuse_lora_weights(a, b), 0.5, slices,
                          lora_ops.group_tokens(idx))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unbalanced_groups_are_not_padded():
+    assert lora_ops.group_tokens(torch.tensor(MAPPINGS["unbalanced"])).gather is None
+    assert lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed with -1"])).gather is not None
 
 
 def test_rows_without_adapter_are_untouched_when_every_slot_is_used():
