@@ -46,8 +46,26 @@ class Supervisor:
         return proc
 
     def restart(self, name: str) -> subprocess.Popen:
+        self.reap_group(name)  # a killed rollout leaves vLLM's engine processes behind
         args, env, cpus = self.specs[name]
         return self.start(name, args, env, cpus)
+
+    def reap_group(self, name: str, grace_s: float = 10.0) -> None:
+        """End whatever is left in the process's group (its session: it was started with
+        start_new_session, so the group id is its pid), e.g. orphaned engine processes."""
+        pgid = self.procs[name].pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pgid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.1)
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
@@ -64,6 +82,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+        if p is not None:
+            self.reap_group(name)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):

@@ -50,10 +50,16 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
         # Kill the original replica (SIGKILL, by its pid): `up` replaces it, its leases are re-issued.
         pids = json.loads((run / "logs" / "pids.json").read_text())
         victim = pids["rollout-0"]
+        seen = descendants(up.pid)  # includes the victim's vLLM engine processes
         os.kill(victim, signal.SIGKILL)
-        out, _ = up.communicate(timeout=900)
+        while up.poll() is None:
+            seen |= descendants(up.pid)
+            assert time.monotonic() < deadline + 900
+            time.sleep(1)
+        out = up.stdout.read()
         assert up.returncode == 0, out[-3000:]
         assert "rollout-0 exited" in out and "starting a replacement" in out
+        assert not [p for p in seen if alive(p)], "processes left running (orphaned engines?)"
     finally:
         if up.poll() is None:
             up.kill()
