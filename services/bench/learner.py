@@ -375,7 +375,7 @@ def report(result: dict[str, Any]) -> str:
                     else " " * 36)
             lines.append(f"{head} | {s:>5} {x['trainable_params'] / 1e6:>8.2f}M {x['tok_s']:>8.0f} "
                          f"{x['step_s_median']:>8.3f} {x['cpu_s_median']:>8.3f} | {mem['peak']:>8.0f} {mem['baseline_rss']:>8.0f} "
-                         f"{mem['peak_delta']:>8.0f} | {x['first_update']['loss']:>9.5f} "
+                         f"{mem['peak_delta']:>8.0f} | {x['first_update']['loss']:>9.2e} "
                          f"{x['last_update']['kl']:>8.5f}")
         lines.append(f"{'':>36} | lora/full: tok/s {r['tok_s_ratio']:.2f}x, peak {r['peak_ratio']:.2f}x "
                      f"(goal <= {GOAL_PEAK_RATIO:g}x: {_goal(r['goal_met'])}), peak delta {r['peak_delta_ratio']:.2f}x")
