@@ -179,3 +179,11 @@ def test_a_changed_signature_keeps_the_stock_ops(monkeypatch):
         lora_ops.install_fast_cpu_lora_ops(strict=True)
     assert not lora_ops.install_fast_cpu_lora_ops()
     assert PunicaWrapperCPU.add_lora_linear is add_lora_linear
+
+
+def test_plugin_is_registered_with_vllm():
+    """The engine worker gets the fast ops through vLLM's general-plugin entry point."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("loraloop_lora_ops") == "services.rollout.lora_ops:register"
