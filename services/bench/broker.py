@@ -19,7 +19,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from services.common.net import free_port
 
 if TYPE_CHECKING:
     import redis
@@ -68,12 +69,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------ processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen | None) -> None:
     """SIGTERM this one process (by its pid), then SIGKILL if it lingers."""
     if proc is None or proc.poll() is not None:
@@ -92,7 +87,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
     if shutil.which("redis-server") is None:
         raise SystemExit("loraloop bench broker: redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
          "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
@@ -119,7 +114,7 @@ def start_broker(redis_url: str, workdir: Path, tokens: dict[str, str],
                  max_adapter_bytes: int) -> tuple[subprocess.Popen, str]:
     from services.broker.client import BrokerClient
 
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "broker.log"
     env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items())}
     with open(log_path, "ab") as log:
