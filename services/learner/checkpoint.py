@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a killed run with the same next update.
 
 `<run_dir>/checkpoints/step-000010/` holds
-  lora.safetensors       LoRA weights under the model's own parameter names (exact resume)
+  lora.safetensors       trained weights under the model's own parameter names (exact resume):
+                         the LoRA adapter, and with a critic its adapter and value head
   adapter/               the same adapter as a PEFT directory (for people and `export`)
   optimizer.safetensors  AdamW state, gathered in full on rank 0, keys `state/<param>/<name>`
   rng.safetensors        torch CPU RNG state (uint8)
@@ -53,8 +54,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, optimizer: torch.opt
         get_optimizer_state_dict,
     )
 
-    model_sd = get_model_state_dict(policy.model, options=_opts())
-    optim_sd = get_optimizer_state_dict(policy.model, optimizer, options=_opts())
+    model_sd = get_model_state_dict(policy.root, options=_opts())
+    optim_sd = get_optimizer_state_dict(policy.root, optimizer, options=_opts())
     if _rank() != 0:
         policy.adapter_state_dict()  # the collective behind save_adapter
         return None
@@ -63,7 +64,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, optimizer: torch.opt
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model_sd.items() if "lora_" in k}, str(tmp / "lora.safetensors"))
+    trained = set(policy.trainable_names())
+    save_file({k: v.contiguous() for k, v in model_sd.items() if k in trained}, str(tmp / "lora.safetensors"))
     policy.save_adapter(tmp / "adapter")
     tensors = {f"state/{p}/{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
                for p, st in optim_sd["state"].items() for k, v in st.items()}
@@ -91,14 +93,14 @@ def load_checkpoint(path: str | Path, policy, optimizer: torch.optim.Optimizer) 
     state = json.loads((path / "state.json").read_text())
     lora = load_file(str(path / "lora.safetensors"))
     distributed = dist.is_available() and dist.is_initialized()
-    set_model_state_dict(policy.model, lora, options=_opts(strict=False, broadcast_from_rank0=distributed))
+    set_model_state_dict(policy.root, lora, options=_opts(strict=False, broadcast_from_rank0=distributed))
     flat = load_file(str(path / "optimizer.safetensors"))
     optim_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
         _, rest = key.split("/", 1)
         param, name = rest.rsplit("/", 1)
         optim_state.setdefault(param, {})[name] = v
-    set_optimizer_state_dict(policy.model, optimizer,
+    set_optimizer_state_dict(policy.root, optimizer,
                              optim_state_dict={"state": optim_state, "param_groups": state["param_groups"]},
                              options=_opts(broadcast_from_rank0=distributed))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])

@@ -36,8 +36,8 @@ class ModelConfig(Section):
 
 class AlgoConfig(Section):
     advantage: str = "grpo"
-    """Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline
-    (gae needs a critic: not wired yet)."""
+    """Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline,
+    or gae (PPO with a critic: a second LoRA adapter plus a value head on the same base)."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     clip_low: float = Field(0.2, ge=0)
@@ -62,6 +62,10 @@ class AlgoConfig(Section):
     """Discount (REINFORCE++, GAE)."""
     lam: float = Field(1.0, ge=0, le=1)
     """GAE lambda."""
+    critic_lr: float | None = Field(None, gt=0)
+    """Critic (value adapter + head) learning rate with advantage = gae; none = lr."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """PPO value clip around the pre-update values (gae); none for the plain squared error."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each batch."""
     mini_batches: int = Field(1, ge=1)

@@ -3,6 +3,10 @@
 The reference policy is the same model with the adapter disabled (peft's
 `disable_adapter()`), so no second model is kept in memory. Every rank holds a shard;
 `adapter_state_dict()` gathers the full LoRA tensors (a collective: all ranks call it).
+
+With `critic=True` (PPO with GAE) the same base also carries the critic: a second LoRA
+adapter (`critic`, same rank and targets) and a linear value head on the final hidden
+state. Only one copy of the base is in memory; the published adapter is the policy's alone.
 """
 
 from __future__ import annotations
@@ -26,8 +30,34 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+CRITIC = "critic"
+"""Name of the critic's LoRA adapter on the shared base."""
+
+
+class _WithValueHead(nn.Module):
+    """The FSDP root when there is a critic: the peft model plus the value head, so that
+    both run inside the root's forward (FSDP2 unshards root parameters around it)."""
+
+    def __init__(self, model: nn.Module, value_head: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False):
+        if not values:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        captured: list[torch.Tensor] = []
+        head_in = self.model.get_output_embeddings()  # its input is the final (normed) hidden state
+        hook = head_in.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            hook.remove()
+        return self.value_head(captured[-1].float()).squeeze(-1)
+
+
 class Policy:
-    def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | None = None, critic: bool = False) -> None:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -43,12 +73,32 @@ class Policy:
                               target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules or None,
                               task_type="CAUSAL_LM")
             model = get_peft_model(base, lcfg)
+        self.critic = critic
+        if critic:
+            # Same rank/targets as the policy's adapter; initialised by peft (B = 0).
+            ccfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules or None,
+                              task_type="CAUSAL_LM")
+            model.add_adapter(CRITIC, ccfg)
+            model.set_adapter("default")
+            for n, p in model.named_parameters():
+                if f".{CRITIC}." in n:
+                    p.requires_grad_(True)
         for n, p in model.named_parameters():  # LoRA weights train in fp32 whatever the base dtype
             if p.requires_grad:
                 p.data = p.data.float()
                 assert "lora_" in n, n
-        model.to(self.device)
         self.model = model
+        self.root: nn.Module = model
+        if critic:
+            head = nn.Linear(base.config.hidden_size, 1)
+            # Small random weights: V starts near 0 and the critic's LoRA gets a gradient from
+            # the first step (with a zero head it would not).
+            nn.init.normal_(head.weight, std=1e-2)
+            nn.init.zeros_(head.bias)
+            self.root = _WithValueHead(model, head)
+        self.root.to(self.device)
+        self._trainable = [n for n, p in self.root.named_parameters() if p.requires_grad]
         self.rank, self.world = _world()
         if self.world > 1 or cfg.cpu_offload or cfg.mixed_precision:
             self._shard()
@@ -63,22 +113,46 @@ class Policy:
             kw["offload_policy"] = CPUOffloadPolicy()
         for layer in self.decoder_layers():
             fully_shard(layer, **kw)
-        fully_shard(self.model, **kw)
+        fully_shard(self.root, **kw)
 
     def decoder_layers(self) -> list[nn.Module]:
         inner = self.model.get_base_model()
         return list(inner.model.layers)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def trainable_names(self) -> list[str]:
+        """Names (under `root`) of every trained parameter: both adapters and the value head."""
+        return list(self._trainable)
 
-    def named_lora_parameters(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.actor_parameters() + self.critic_parameters()
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        params = dict(self.root.named_parameters())
+        return [params[n] for n in self._trainable if not self._is_critic(n)]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        params = dict(self.root.named_parameters())
+        return [params[n] for n in self._trainable if self._is_critic(n)]
+
+    @staticmethod
+    def _is_critic(name: str) -> bool:
+        return f".{CRITIC}." in name or name.startswith("value_head.")
+
+    def _restore_trainable(self) -> None:
+        # peft's adapter switches (set_adapter, leaving disable_adapter) set requires_grad on
+        # the active adapter only; both adapters train here, so put the flags back.
+        params = dict(self.root.named_parameters())
+        for n in self._trainable:
+            if not params[n].requires_grad:
+                params[n].requires_grad_(True)
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-prob of each token given its prefix ([B, T], position 0 is 0) and, optionally, entropy."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if self.critic:
+            logits = self.root(input_ids, attention_mask)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = logits[:, :-1].float() / temperature
         logp = torch.log_softmax(logits, -1)
         tok = torch.gather(logp, -1, input_ids[:, 1:, None]).squeeze(-1)
@@ -88,11 +162,27 @@ class Policy:
             ent = torch.cat([pad, -(logp.exp() * logp).sum(-1)], 1)
         return torch.cat([pad, tok], 1), ent
 
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Critic values [B, T]: V at position t is the value of the prefix before token t
+        (the state in which token t was chosen), from the hidden state at t - 1; position 0 is 0."""
+        if not self.critic:
+            raise RuntimeError("this policy has no critic (Policy(..., critic=True))")
+        self.model.set_adapter(CRITIC)
+        try:
+            v = self.root(input_ids, attention_mask, values=True)
+        finally:
+            self.model.set_adapter("default")
+            self._restore_trainable()
+        return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
+
     @contextlib.contextmanager
     def reference(self):
         """The reference policy: the base model with the adapter disabled."""
-        with self.model.disable_adapter():
-            yield
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self._restore_trainable()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Full LoRA tensors in PEFT naming (collective under FSDP: every rank must call)."""

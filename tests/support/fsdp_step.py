@@ -1,8 +1,10 @@
 """Run one learner update on a fixed batch and write the results (for the 1-rank vs 2-rank
 test). Run directly (1 rank) or under torchrun (N ranks):
 
-    python -m tests.support.fsdp_step MODEL OUT_DIR
-    torchrun --nproc_per_node 2 -m tests.support.fsdp_step MODEL OUT_DIR
+    python -m tests.support.fsdp_step MODEL OUT_DIR [MICRO] [ADVANTAGE]
+    torchrun --nproc_per_node 2 -m tests.support.fsdp_step MODEL OUT_DIR [MICRO] [ADVANTAGE]
+
+ADVANTAGE gae runs PPO with the critic (its adapter and value head are in the outputs too).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def policy_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def main(model: str, out: str, micro: int = 64) -> None:
+def main(model: str, out: str, micro: int = 64, advantage: str = "grpo") -> None:
     torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
@@ -40,16 +42,28 @@ def main(model: str, out: str, micro: int = 64) -> None:
         make_peft_adapter(model, init, seed=5, rank=8, b_std=0.05)
     if dist.is_initialized():
         dist.barrier()
-    policy = Policy(ModelConfig(path=model, lora_rank=8, lora_alpha=16, init_adapter=str(init)))
+    critic = advantage == "gae"
+    torch.manual_seed(0)  # the critic's fresh adapter and head: same start on every run and rank
+    policy = Policy(ModelConfig(path=model, lora_rank=8, lora_alpha=16, init_adapter=str(init)), critic=critic)
     # One mini-batch and no clipping, so the gradients left after step() are the update's.
     trainer = Trainer(policy, AlgoConfig(lr=1e-2, mini_batches=1, micro_batch_size=micro, kl_coef=0.01,
-                                         entropy_coef=0.001, tis_cap=2.0, grad_clip=1e9))
-    initial = policy.adapter_state_dict()
+                                         entropy_coef=0.001, tis_cap=2.0, grad_clip=1e9, advantage=advantage,
+                                         lam=0.95, critic_lr=2e-2))
+
+    def trained() -> dict[str, torch.Tensor]:
+        out = policy.adapter_state_dict()
+        if critic:  # the critic's adapter and head, gathered in full
+            for n, p in policy.root.named_parameters():
+                if policy._is_critic(n):
+                    out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        return out
+
+    initial = trained()
     batch = broadcast(collate(synthetic_groups()) if policy.rank == 0 else None)
     metrics = trainer.step(batch)
-    sd = policy.adapter_state_dict()
+    sd = trained()
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-             for n, p in policy.model.named_parameters() if p.requires_grad}
+             for n, p in policy.root.named_parameters() if p.requires_grad}
     if policy.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sd.items()}, f"{out}/adapter.safetensors")
@@ -61,4 +75,5 @@ def main(model: str, out: str, micro: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 64)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 64,
+         sys.argv[4] if len(sys.argv) > 4 else "grpo")
