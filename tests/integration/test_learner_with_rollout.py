@@ -34,3 +34,34 @@ def test_ten_steps_with_a_real_rollout(base_stack, tmp_path):
         records, latest = c.list_versions("loop")
     assert latest == 11 and [x.learner_step for x in records] == list(range(0, 11))
     assert final == {("loop", 11)}  # the rollout hot-loaded the last version too
+
+
+def test_ppo_with_a_critic_runs_against_a_real_rollout(base_stack, tmp_path):
+    """advantage = gae: the critic (second adapter + value head on the same base) trains in
+    the learner, only the policy adapter is published, and the rollout serves each version."""
+    from services.common.peft_format import parse_safetensors_header
+
+    s = base_stack
+    learner = LearnerProc(s.model, s.broker.target, tmp_path / "run", "--adapter_name=ppo", "--steps=4",
+                          "--data.groups_per_step=8", "--data.samples_per_group=2", "--algo.max_staleness=0",
+                          "--algo.advantage=gae", "--algo.lam=0.95", "--algo.critic_lr=3e-3",
+                          "--checkpoint.every=2")
+    rollout = RolloutProc(s.model, s.broker.target, tmp_path, f"--learner={learner.target}")
+    try:
+        assert learner.wait(600) == 0
+        final = {(a.name, a.version) for a in list_adapters(rollout.target).adapters if a.latest}
+    finally:
+        rollout.stop()
+        if learner.proc.poll() is None:
+            learner.kill()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["rollout/version_min"] == r["rollout/version_max"] == r["step"], r
+        for key in ("critic/vf_loss", "critic/grad_norm", "critic/explained_var", "actor/pg_loss"):
+            assert key in r, key
+    assert final == {("ppo", 5)}
+    with BrokerClient(s.broker.target, TOKENS["client"]) as c:
+        _, data = c.fetch("ppo@v5")
+    keys = set(parse_safetensors_header(data).tensors)
+    assert keys and all("lora_" in k and "critic" not in k and "value_head" not in k for k in keys), keys
