@@ -9,12 +9,11 @@ from tests.support.procs import TOKENS, LearnerProc, RolloutProc
 from tests.support.rollout_client import list_adapters
 
 
-def test_ten_steps_with_a_real_rollout(base_stack, tmp_path):
-    s = base_stack
-    learner = LearnerProc(s.model, s.broker.target, tmp_path / "run", "--adapter_name=loop", "--steps=10",
-                          "--data.groups_per_step=8", "--data.samples_per_group=4", "--algo.max_staleness=0",
-                          "--checkpoint.every=5")
-    rollout = RolloutProc(s.model, s.broker.target, tmp_path, f"--learner={learner.target}")
+def _train(stack, tmp_path, *learner_args: str) -> tuple[list[dict], set[tuple[str, int]]]:
+    """A learner and one rollout server until the learner ends: its metrics and the
+    rollout's latest adapter versions at that point."""
+    learner = LearnerProc(stack.model, stack.broker.target, tmp_path / "run", *learner_args)
+    rollout = RolloutProc(stack.model, stack.broker.target, tmp_path, f"--learner={learner.target}")
     try:
         assert learner.wait(600) == 0
         final = {(a.name, a.version) for a in list_adapters(rollout.target).adapters if a.latest}
@@ -22,7 +21,13 @@ def test_ten_steps_with_a_real_rollout(base_stack, tmp_path):
         rollout.stop()
         if learner.proc.poll() is None:
             learner.kill()
-    rows = read_metrics(tmp_path / "run")
+    return read_metrics(tmp_path / "run"), final
+
+
+def test_ten_steps_with_a_real_rollout(base_stack, tmp_path):
+    s = base_stack
+    rows, final = _train(s, tmp_path, "--adapter_name=loop", "--steps=10", "--data.groups_per_step=8",
+                         "--data.samples_per_group=4", "--algo.max_staleness=0", "--checkpoint.every=5")
     assert [r["step"] for r in rows] == list(range(1, 11))
     for r in rows:
         assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
@@ -42,19 +47,9 @@ def test_ppo_with_a_critic_runs_against_a_real_rollout(base_stack, tmp_path):
     from services.common.peft_format import parse_safetensors_header
 
     s = base_stack
-    learner = LearnerProc(s.model, s.broker.target, tmp_path / "run", "--adapter_name=ppo", "--steps=4",
-                          "--data.groups_per_step=8", "--data.samples_per_group=2", "--algo.max_staleness=0",
-                          "--algo.advantage=gae", "--algo.lam=0.95", "--algo.critic_lr=3e-3",
-                          "--checkpoint.every=2")
-    rollout = RolloutProc(s.model, s.broker.target, tmp_path, f"--learner={learner.target}")
-    try:
-        assert learner.wait(600) == 0
-        final = {(a.name, a.version) for a in list_adapters(rollout.target).adapters if a.latest}
-    finally:
-        rollout.stop()
-        if learner.proc.poll() is None:
-            learner.kill()
-    rows = read_metrics(tmp_path / "run")
+    rows, final = _train(s, tmp_path, "--adapter_name=ppo", "--steps=4", "--data.groups_per_step=8",
+                         "--data.samples_per_group=2", "--algo.max_staleness=0", "--algo.advantage=gae",
+                         "--algo.lam=0.95", "--algo.critic_lr=3e-3", "--checkpoint.every=2")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert r["rollout/version_min"] == r["rollout/version_max"] == r["step"], r
