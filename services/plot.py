@@ -1,4 +1,5 @@
-"""`loraloop plot RUN_DIR`: reward, KL, entropy and response-length curves to a PNG."""
+"""`loraloop plot RUN_DIR`: reward, KL, entropy and response-length curves to a PNG (and,
+for PPO with a critic, its value loss and explained variance)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 PANELS = [("reward/mean", "mean reward"), ("actor/kl", "KL to base"), ("actor/entropy", "entropy"),
           ("response_length/mean", "response length (tokens)")]
+CRITIC_PANELS = [("critic/vf_loss", "critic value loss"),
+                 ("critic/explained_var", "critic explained variance (of returns)")]
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -22,9 +25,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not rows:
         raise SystemExit(f"{run_dir}: no metrics.jsonl rows to plot")
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
+    panels = PANELS + (CRITIC_PANELS if any("critic/vf_loss" in r for r in rows) else [])
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(10, 3.25 * (len(panels) // 2)), constrained_layout=True)
     steps = [r["step"] for r in rows]
-    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         ys = [r.get(key) for r in rows]
         pts = [(s, y) for s, y in zip(steps, ys, strict=True) if isinstance(y, (int, float))]
         if pts:
