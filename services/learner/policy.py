@@ -30,6 +30,29 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = False, entropy_grad: bool = False,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probs [B, T] (position 0 is 0) from logits [B, T, V] without keeping a
+    log-softmax copy of the logits for backward: log p(x) = logit(x) - logsumexp(logits).
+    A [B, T, V] float32 copy is ~0.3 GB per 4 x 128 tokens at a 152k vocabulary; autograd
+    keeps the logits (for logsumexp) and nothing else of that size. Entropy, when asked,
+    is computed without a graph unless `entropy_grad` (then its softmax is kept too)."""
+    logits = logits[:, :-1]
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, -1)
+    tok = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)  # H = logsumexp(z) - E_p[z]
+        ent = torch.cat([torch.zeros_like(ent[:, :1]), ent], 1)
+    return torch.cat([torch.zeros_like(tok[:, :1]), tok], 1), ent
+
+
 CRITIC = "critic"
 """Name of the critic's LoRA adapter on the shared base."""
 
@@ -147,20 +170,15 @@ class Policy:
                 params[n].requires_grad_(True)
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-prob of each token given its prefix ([B, T], position 0 is 0) and, optionally, entropy."""
+                       with_entropy: bool = False, entropy_grad: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-prob of each token given its prefix ([B, T], position 0 is 0) and, optionally,
+        the entropy (differentiable only with `entropy_grad`: an entropy bonus in the loss)."""
         if self.critic:
             logits = self.root(input_ids, attention_mask)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1].float() / temperature
-        logp = torch.log_softmax(logits, -1)
-        tok = torch.gather(logp, -1, input_ids[:, 1:, None]).squeeze(-1)
-        pad = torch.zeros_like(tok[:, :1])
-        ent = None
-        if with_entropy:
-            ent = torch.cat([pad, -(logp.exp() * logp).sum(-1)], 1)
-        return torch.cat([pad, tok], 1), ent
+        return logprobs_from_logits(logits, input_ids, temperature, with_entropy, entropy_grad)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Critic values [B, T]: V at position t is the value of the prefix before token t

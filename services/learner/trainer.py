@@ -132,7 +132,7 @@ class Trainer:
                     idx = sel[i : i + cfg.micro_batch_size]
                     mb = local.rows(idx)
                     lp, ent = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, self.temperature,
-                                                         with_entropy=True)
+                                                         with_entropy=True, entropy_grad=cfg.entropy_coef != 0)
                     out = A.policy_loss(
                         A.LossInputs(logprobs=lp, old_logprobs=old_lp[idx], behaviour_logprobs=mb.behaviour_logprobs,
                                      advantages=adv_local[idx], response_mask=mb.response_mask,
