@@ -12,11 +12,16 @@
    server reports it latest, then opens Generate on "bench" and stops the clock at its first
    token, checking the response names the new version. Polling first rather than firing Generate
    in a loop keeps the server's event loop free while it loads (a retried Generate would queue
-   behind the load it waits for) and splits the time into "visible" and "first token". The
-   floor, measured in the same round: BrokerClient.fetch of that version plus the in-process
-   Engine.add_lora of it.
+   behind the load it waits for) and splits the time into "visible" and "first token". Two
+   definitions, each against its own floor measured in the same round on the same bytes:
+   (a) publish call start -> first token; floor = BrokerClient.fetch of that version plus the
+       in-process Engine.add_lora of it (the upload and the first generation are not in it);
+   (b) the publisher's commit ack -> first token (without the upload); floor = fetch + add_lora
+       + the first 1-token generation with that version on the in-process engine (the first use
+       of a version copies it into an engine slot: work any server must do before serving it).
 
-Goals: one adapter >= 0.9x base; 8 mixed >= 0.9x one; publish->served p50 <= 1.5x the floor p50.
+Goals: one adapter >= 0.9x base; 8 mixed >= 0.9x one; publish->served p50 <= 1.5x the floor p50
+(reported for both definitions).
 """
 
 from __future__ import annotations
@@ -265,11 +270,18 @@ class HotLoad:
 
     @property
     def floor(self) -> float:
+        """Definition (a): reading the bytes plus the engine's own load call."""
         return self.fetch + self.add_lora
 
     @property
     def served_from_ack(self) -> float:
+        """Definition (b): from the commit ack, i.e. without the upload."""
         return self.served - self.publish_call
+
+    @property
+    def floor_with_first_token(self) -> float:
+        """Definition (b)'s floor: (a)'s plus the first generation with the version in-process."""
+        return self.fetch + self.add_lora + self.inproc_first_token
 
 
 async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path], hotloads: int,
@@ -332,18 +344,20 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
         return {"p50": _pct(xs, 50), "p95": _pct(xs, 95)}
 
     served, floor = q([s.served for s in samples]), q([s.floor for s in samples])
-    from_ack = q([s.served_from_ack for s in samples])
+    from_ack, floor_b = q([s.served_from_ack for s in samples]), q([s.floor_with_first_token for s in samples])
     return {
         "model": model_dir.name, "loads": len(samples), "poll_ms": POLL_S * 1000,
         "adapter_bytes": (adapters[0] / "adapter_model.safetensors").stat().st_size,
         "served_ms": served, "floor_ms": floor,
         "ratio_p50": served["p50"] / floor["p50"], "ratio_p95": served["p95"] / floor["p95"],
-        # The same from the publisher's commit ack: without the upload, which the floor lacks.
-        "served_from_ack_ms": from_ack, "from_ack_ratio_p50": from_ack["p50"] / floor["p50"],
+        # (b): from the publisher's commit ack (no upload), against a floor with the first token.
+        "served_from_ack_ms": from_ack, "floor_with_first_token_ms": floor_b,
+        "from_ack_ratio_p50": from_ack["p50"] / floor_b["p50"], "from_ack_ratio_p95": from_ack["p95"] / floor_b["p95"],
         "parts_ms": {f: q([getattr(s, f) for s in samples])
                      for f in ("publish_call", "visible", "fetch", "add_lora", "inproc_first_token")},
         "generate_retries": retries,
-        "samples": [{**vars(s), "floor": s.floor, "served_from_ack": s.served_from_ack} for s in samples],
+        "samples": [{**vars(s), "floor": s.floor, "served_from_ack": s.served_from_ack,
+                     "floor_with_first_token": s.floor_with_first_token} for s in samples],
     }
 
 
@@ -392,30 +406,36 @@ def report(result: dict) -> str:
                 + "/".join(str(len(t[k]["runs_tok_s"])) for k in CONDITIONS))
         lines.append("medians over the rounds (base/one/mixed); base = no adapter on the same LoRA-enabled engine")
     if result["hotload"]:
+        g = GOAL_HOTLOAD_RATIO
         lines += [
             "",
-            f"hot-load: publish -> first token of a Generate reporting the new version (ListAdapters polled every "
-            f"{POLL_S * 1000:g} ms);",
-            "floor = BrokerClient.fetch + in-process Engine.add_lora of the same version, same round",
-            f"{'model':>6} {'MB':>6} {'n':>3} | {'served ms':^15} | {'floor ms':^15} | {'ratio':^13} | "
-            f"{'fetch':>6} {'add':>6} {'publish':>7} {'visible':>7} {'1st tok*':>8} | from ack (p50)",
-            f"{'':>6} {'':>6} {'':>3} | {'p50':>7} {'p95':>7} | {'p50':>7} {'p95':>7} | {'p50':>5} {'p95':>5} "
-            f"{'goal':>1} |",
+            f"hot-load: time to the first token of a Generate reporting the new version (ListAdapters polled every "
+            f"{POLL_S * 1000:g} ms), ms",
+            "(a) from the publish call's start; floor (a) = BrokerClient.fetch + in-process Engine.add_lora",
+            "(b) from the broker's commit ack;  floor (b) = fetch + add_lora + first 1-token generate with it in-process",
+            f"{'':>15} | {'(a) served':^13} {'floor (a)':^13} {'ratio (a)':^16} | "
+            f"{'(b) served':^13} {'floor (b)':^13} {'ratio (b)':^16}",
+            f"{'model':>6} {'MB':>5} {'n':>2} | " + " | ".join(
+                [f"{'p50':>6} {'p95':>6} {'p50':>6} {'p95':>6} {'p50':>5} {'p95':>5} {'goal':>4}"] * 2),
         ]
+
+        def cols(served: dict, floor: dict, r50: float, r95: float) -> str:
+            return (f"{served['p50']:>6.1f} {served['p95']:>6.1f} {floor['p50']:>6.1f} {floor['p95']:>6.1f} "
+                    f"{r50:>4.2f}x {r95:>4.2f}x {'ok' if r50 <= g else 'MISS':>4}")
+
+        for h in result["hotload"]:
+            lines.append(
+                f"{h['model']:>6} {h['adapter_bytes'] / 1e6:>5.2f} {h['loads']:>2} | "
+                f"{cols(h['served_ms'], h['floor_ms'], h['ratio_p50'], h['ratio_p95'])} | "
+                f"{cols(h['served_from_ack_ms'], h['floor_with_first_token_ms'], h['from_ack_ratio_p50'], h['from_ack_ratio_p95'])}")
+        lines += ["", "parts, p50 ms: publish = the upload call (start -> commit ack); visible = publish start -> "
+                  "ListAdapters shows it latest;", "fetch, add_lora, 1st tok = the floors' parts (in-process)"]
+        lines.append(f"{'model':>6} | {'publish':>7} {'visible':>7} {'fetch':>6} {'add_lora':>8} {'1st tok':>7}")
         for h in result["hotload"]:
             p = h["parts_ms"]
-            lines.append(
-                f"{h['model']:>6} {h['adapter_bytes'] / 1e6:>6.2f} {h['loads']:>3} | {h['served_ms']['p50']:>7.1f} "
-                f"{h['served_ms']['p95']:>7.1f} | {h['floor_ms']['p50']:>7.1f} {h['floor_ms']['p95']:>7.1f} | "
-                f"{h['ratio_p50']:>4.2f}x {h['ratio_p95']:>4.2f}x {_ok(h['ratio_p50'] <= GOAL_HOTLOAD_RATIO)} | "
-                f"{p['fetch']['p50']:>6.1f} {p['add_lora']['p50']:>6.1f} {p['publish_call']['p50']:>7.1f} "
-                f"{p['visible']['p50']:>7.1f} {p['inproc_first_token']['p50']:>8.1f} | "
-                f"{h['served_from_ack_ms']['p50']:>6.1f} ms {h['from_ack_ratio_p50']:>4.2f}x")
-        lines += [f"goal: served p50 <= {GOAL_HOTLOAD_RATIO:g}x floor p50. Parts, p50 ms: fetch and add = the floor's; "
-                  "publish = the upload call (in served, not in the floor);",
-                  "visible = publish call -> ListAdapters shows it latest; *1st tok = one token in-process right "
-                  "after add_lora (not in the floor);",
-                  "from ack = served minus the publish call, and its ratio to the floor"]
+            lines.append(f"{h['model']:>6} | {p['publish_call']['p50']:>7.1f} {p['visible']['p50']:>7.1f} "
+                         f"{p['fetch']['p50']:>6.1f} {p['add_lora']['p50']:>8.1f} {p['inproc_first_token']['p50']:>7.1f}")
+        lines.append(f"goal: served p50 <= {g:g}x floor p50")
     return "\n".join(lines)
 
 
@@ -480,6 +500,7 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
         met["mixed_over_one"] = all(t["mixed_over_one"] >= GOAL_MIXED_OVER_ONE for t in throughput)
     if hotload:
         met["hotload_ratio"] = all(h["ratio_p50"] <= GOAL_HOTLOAD_RATIO for h in hotload)
+        met["hotload_from_ack_ratio"] = all(h["from_ack_ratio_p50"] <= GOAL_HOTLOAD_RATIO for h in hotload)
     return {
         "benchmark": "rollout",
         "machine": machine,

@@ -3,14 +3,19 @@
 vLLM's CPU LoRA path (`vllm/lora/ops/torch_ops`, called by `PunicaWrapperCPU`) gathers every
 token's adapter matrices (`lora_weights[token_indices]`, a copy per token) and einsums over
 them, once per slice (q, k, v / gate, up): LoRA r=16 ran at 0.25x base tok/s. Here the token ->
-adapter mapping is grouped once per step (in `update_metadata`), the slices' A matrices are
-concatenated once per adapter load, and each LoRA layer is:
+adapter mapping is grouped once per mapping change (in `update_metadata`), the slices' A
+matrices are concatenated once per adapter load (only the slot it is loaded into is copied),
+and each LoRA layer is:
 - one adapter for every token (the training case): `buf = x @ A^T` (one matmul over all slices)
   and `y[:, slice] += buf[:, slice] @ B^T` per slice;
 - mixed adapters: rows gathered into one padded group per adapter, one batched matmul for
   shrink and one per slice for expand, added back with one `index_add_`.
-Tokens with no adapter (index -1) are skipped; stock ops instead apply the adapter in the last
-slot to them (`lora_weights[-1]`).
+Tokens with no adapter (index -1) are skipped (a batch without adapters costs one check per
+layer); stock ops instead apply the adapter in the last slot to them (`lora_weights[-1]`).
+Tried and measured slower here (torch 2.13 CPU, 2 cores, r=16, 64 rows): B of all slices on one
+block diagonal (one expand matmul instead of one per slice: fewer ops but 2-3x the flops, and a
+row-major K x N weight is slower than the transposed view these shapes get), and picking mixed
+rows back with index_select + add instead of index_add_.
 
 Install: the `vllm.general_plugins` entry point `register`, which vLLM calls in each process it
 starts (front end, engine core, workers) before the model is built. `LORALOOP_FAST_LORA_OPS=0`
@@ -129,25 +134,52 @@ class FusedLora:
     dense: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # see dense_weights
     # (slot, output_slices) -> views used by one-adapter steps, so no per-call slicing
     slot_views: dict = field(default_factory=dict)
+    layout: tuple | None = None  # adapter id in each slot when built (vLLM's lora_index_to_id)
+    a_copied: bool = True  # a_t is a copy (else a view of the one float32 source)
 
 
 def fuse_lora_weights(a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...],
-                      cached: FusedLora | None = None) -> FusedLora:
+                      cached: FusedLora | None = None, layout: tuple | None = None) -> FusedLora:
     """A of all slices concatenated (a copy only for several slices or a non-float32 dtype),
-    rebuilt when vLLM writes an adapter into a slot: the tensors' _version changes."""
+    refreshed when vLLM writes an adapter into a slot (the tensors' _version changes): only the
+    slots whose adapter id changed in `layout` (vLLM's slot -> adapter id, updated with each
+    write) are copied again, so loading one adapter does not copy every slot; a write that no
+    layout change explains rebuilds everything."""
     import torch
 
     sources = (*a_stacked, *b_stacked)
     versions = tuple(t._version for t in sources)
-    if (cached is not None and cached.versions == versions
-            and all(s is t for s, t in zip(cached.sources, sources, strict=True))):
-        return cached
+    if cached is not None and all(s is t for s, t in zip(cached.sources, sources, strict=True)):
+        if cached.versions == versions:
+            return cached
+        if layout is not None and cached.layout is not None and len(layout) == len(cached.layout):
+            changed = [i for i, (new, old) in enumerate(zip(layout, cached.layout, strict=True)) if new != old]
+            if changed and max(changed) < cached.a_t.size(0):
+                _refresh_slots(cached, a_stacked, changed)
+                cached.versions, cached.layout = versions, layout
+                return cached
     a = [t[:, 0] for t in a_stacked]  # (slots, rank, in)
     a_cat = a[0] if len(a) == 1 else torch.cat(a, dim=1)
     if a_cat.dtype != torch.float32:
         a_cat = a_cat.float()
     b_t = tuple(t[:, 0].transpose(1, 2) for t in b_stacked)
-    return FusedLora(a_cat.transpose(1, 2), b_t, a_stacked[0].size(2), versions, sources)
+    return FusedLora(a_cat.transpose(1, 2), b_t, a_stacked[0].size(2), versions, sources, layout=layout,
+                     a_copied=len(a) > 1 or a[0].dtype != torch.float32)
+
+
+def _refresh_slots(w: FusedLora, a_stacked: tuple[torch.Tensor, ...], slots: list[int]) -> None:
+    """Copy the new contents of `slots` into w's own copies (a_t is a view of the source itself
+    for one float32 slice; b_t always is; slot_views are views of those)."""
+    import torch
+
+    for i in slots:
+        if w.a_copied:
+            a_i = [t[i, 0] for t in a_stacked]
+            w.a_t[i].copy_((a_i[0] if len(a_i) == 1 else torch.cat(a_i, dim=0)).t())
+        if w.dense is not None:
+            w.dense[0][i].copy_(w.a_t[i])
+            for d, b in zip(w.dense[1], w.b_t, strict=True):
+                d[i].copy_(b[i])
 
 
 def dense_weights(w: FusedLora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -231,6 +263,7 @@ def _lora_linear_per_group(y: torch.Tensor, xf: torch.Tensor, w: FusedLora, scal
 def _update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
     _stock["update_metadata"](self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
     self._loraloop_tokens = group_tokens(self.token_lora_indices)
+    self._loraloop_layout = tuple(lora_index_to_id)
     self._loraloop_sampler = group_tokens(self.sampler_indices)
 
 
@@ -240,7 +273,8 @@ def _fused(self, a_stacked, b_stacked) -> FusedLora | None:
         return None  # not the (slots, 1, rank, in) / (slots, 1, out, rank) layout of vLLM 0.32
     cache = self.__dict__.setdefault("_loraloop_fused", {})
     key = id(a0)
-    cache[key] = fuse_lora_weights(a_stacked, b_stacked, cache.get(key))
+    cache[key] = fuse_lora_weights(a_stacked, b_stacked, cache.get(key),
+                                   self.__dict__.get("_loraloop_layout"))
     return cache[key]
 
 
@@ -249,6 +283,8 @@ def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_s
     import torch
 
     groups = getattr(self, "_loraloop_tokens", None)
+    if groups is not None and not groups.any_lora and x.size(0) == groups.n_rows:
+        return None  # no row has an adapter: nothing to add (a base-only batch in a LoRA engine)
     w = None if groups is None else _fused(self, lora_a_stacked, lora_b_stacked)
     if (w is None or torch.compiler.is_compiling() or x.size(0) != groups.n_rows
             or y.dim() != 2 or lora_b_stacked[0].dtype != y.dtype):
