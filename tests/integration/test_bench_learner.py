@@ -21,6 +21,8 @@ def test_bench_help_lists_learner() -> None:
     top, sub = _run("--help"), _run("learner", "--help")
     assert top.returncode == 0 and "learner" in top.stdout
     assert sub.returncode == 0 and "--quick" in sub.stdout
+    for opt in ("--grad-ckpt", "--malloc", "--micro-batch"):
+        assert opt in sub.stdout
 
 
 def test_bench_learner_quick_writes_figures(tmp_path: Path) -> None:
@@ -35,6 +37,10 @@ def test_bench_learner_quick_writes_figures(tmp_path: Path) -> None:
     assert m["nproc"] > 0 and m["mem_bytes"] > 0 and m["torch"] and m["transformers"] and m["peft"]
     c = result["config"]
     assert (c["models"], c["steps"], c["kl_coef"]) == (["tiny"], 2, 0.01)  # --quick
+    # Defaults: no checkpointing, the releasing malloc environment, each model's own micro-batch.
+    assert (c["gradient_checkpointing"], c["malloc"], c["micro_batch"]) == (False, "release", None)
+    assert c["malloc_env"]["MALLOC_MMAP_THRESHOLD_"] == str(4 << 20)
+    assert "settings (both setups): gradient checkpointing off; malloc release" in proc.stdout
     assert result["goals"]["lora_over_full_peak_max"] == 0.6
 
     [r] = result["results"]
@@ -49,6 +55,14 @@ def test_bench_learner_quick_writes_figures(tmp_path: Path) -> None:
         assert 0 < mem["baseline_rss"] <= mem["peak"] and mem["peak_delta"] > 0
         assert mem["peak_delta"] == mem["peak"] - mem["baseline_rss"]
         assert mem["machine_available_min"] > 0 and mem["end_rss_anon"] > 0
+        # The peak covers loading and training; VmHWM is reset in between (Linux allows it here).
+        assert mem["hwm_reset"] and mem["peak"] == max(mem["load_peak"], mem["train_peak"])
+        assert mem["peak_set_by"] in ("training", "loading")
+        assert mem["at_sampled_peak"]["anon"] > 0 and mem["at_sampled_peak"]["file"] > 0
+        # The measured process really ran with the settings the driver reports.
+        assert x["malloc_env"] == c["malloc_env"] and x["gradient_checkpointing"] is False
+        assert x["includes"]["gradient_checkpointing"] is False
+    assert "adapter disabled" in lora["includes"]["reference"] and "second" in full["includes"]["reference"]
     # LoRA trains only its adapter; full fine-tuning trains every base parameter.
     assert 0 < lora["trainable_params"] < full["trainable_params"] == full["base_params"] == lora["base_params"]
     # Same update math: both start from the base, so the warm-up update's loss is the same.
@@ -56,3 +70,20 @@ def test_bench_learner_quick_writes_figures(tmp_path: Path) -> None:
     assert r["peak_ratio"] == lora["mem_mb"]["peak"] / full["mem_mb"]["peak"]
     assert r["tok_s_ratio"] == lora["tok_s"] / full["tok_s"]
     assert r["goal_met"] is None  # tiny is exempt: the runtime is its whole peak
+
+
+def test_bench_learner_settings_reach_both_setups(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    proc = _run("learner", "--quick", "--grad-ckpt", "--malloc", "glibc", "--micro-batch", "16", "--out", str(out),
+                timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "gradient checkpointing on; malloc glibc (no MALLOC_* variables); micro-batch 16" in proc.stdout
+    result = json.loads(out.read_text())
+    c = result["config"]
+    assert (c["gradient_checkpointing"], c["malloc"], c["malloc_env"], c["micro_batch"]) == (True, "glibc", {}, 16)
+    [r] = result["results"]
+    assert r["workload"]["micro_batch"] == 16
+    for s in ("lora", "full"):
+        assert r[s]["gradient_checkpointing"] is True and r[s]["malloc_env"] == {}
+    # Micro-batching and checkpointing leave the update's math alone.
+    assert abs(r["lora"]["first_update"]["loss"] - r["full"]["first_update"]["loss"]) < 1e-5
