@@ -58,6 +58,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common import memory
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
@@ -79,8 +81,7 @@ FULL_LR = 1e-5
 # on their own and unmapped when freed; smaller ones reuse the heap, so speed holds (a
 # 128 KB threshold also released memory but made every update ~2x slower: page faults).
 MALLOC_ENVS: dict[str, dict[str, str]] = {
-    "release": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
-                "MALLOC_TRIM_THRESHOLD_": str(4 << 20)},
+    "release": dict(memory.ENV),  # what `loraloop learner` sets in-process (services.common.memory)
     "glibc": {},
 }
 _MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",

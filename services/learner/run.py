@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from loraloop.v1 import rollout_pb2 as rpb
+from services.common.memory import release_freed_memory
 from services.learner.batch import broadcast, collate, comm_device
 from services.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from services.learner.config import LearnerConfig
@@ -156,6 +157,8 @@ def _publish_adapter(policy: Policy, coord: Coordinator | None, step: int) -> in
 
 
 def run(cfg: LearnerConfig) -> None:
+    if cfg.release_freed_memory:
+        release_freed_memory()
     _init_distributed()
     torch.set_num_threads(cfg.threads)
     rank = dist.get_rank() if dist.is_initialized() else 0
