@@ -79,7 +79,10 @@ class TokenGroups:
     slot_lo: int = 0
     n_groups: int = 0
     gather: torch.Tensor | None = None  # (n_groups * width,) row of each padded group position
-    mask: torch.Tensor | None = None  # (n_groups, width, 1) 1.0 for real rows, 0.0 for padding
+    # (n_groups, width, 1) 1.0 for real rows, 0.0 for padding; None when there is no padding
+    # (every used slot has `width` rows, e.g. the same number of samples per adapter)
+    mask: torch.Tensor | None = None
+    width: int = 0  # rows per padded group
 
 
 # Padded groups cost n_groups * width rows of matmul; past this many times the real rows (e.g. a
@@ -118,8 +121,9 @@ def group_tokens(indices: torch.Tensor) -> TokenGroups:
     for g, r in enumerate(rows):
         gather[g, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[g, : len(r)] = 1.0
+    padded = len(rows) * width != len(order)
     return TokenGroups(n, -1, True, torch.tensor(order, device=device), tuple(segments), lo,
-                       len(rows), gather.view(-1).to(device), mask.to(device))
+                       len(rows), gather.view(-1).to(device), mask.to(device) if padded else None, width)
 
 
 @dataclass
@@ -225,11 +229,14 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
         _lora_linear_per_group(y, xf, w, scale, output_slices, groups)
         return
     a_t, b_t = dense_weights(w)
-    lo, hi, width = groups.slot_lo, groups.slot_lo + groups.n_groups, groups.mask.size(1)
+    lo, hi, width = groups.slot_lo, groups.slot_lo + groups.n_groups, groups.width
     xs = xf.index_select(0, groups.gather).view(groups.n_groups, width, -1)
     buf = torch.bmm(xs, a_t[lo:hi])
     # Padding rows are zeroed here, so what they add back (into row 0) below is exactly zero.
-    buf.mul_(groups.mask if scale == 1.0 else groups.mask * scale)
+    if groups.mask is not None:
+        buf.mul_(groups.mask if scale == 1.0 else groups.mask * scale)
+    elif scale != 1.0:
+        buf.mul_(scale)
     buf = buf.to(y.dtype)
     outs = [torch.bmm(buf[:, :, i * r: (i + 1) * r], b_t[i][lo:hi, :, :size])
             for i, size in enumerate(output_slices)]

@@ -21,6 +21,7 @@ MAPPINGS = {
     "one adapter with -1": [-1, 1, 1, -1, 1],
     "all -1": [-1] * 5,
     "slot gap": [0, 2, 2, 0],
+    "balanced, no padding": [2, 0, 1, 1, 0, 2],
     # one adapter's long prefill chunk beside others' decode tokens: one matmul per group
     "unbalanced": [0] * 20 + [2, -1, 1],
 }
@@ -79,6 +80,8 @@ def test_lora_linear_matches_stock_ops(in_size, slices, mapping):
 def test_unbalanced_groups_are_not_padded():
     assert lora_ops.group_tokens(torch.tensor(MAPPINGS["unbalanced"])).gather is None
     assert lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed with -1"])).gather is not None
+    assert lora_ops.group_tokens(torch.tensor(MAPPINGS["slot gap"])).mask is not None  # slot 1 unused
+    assert lora_ops.group_tokens(torch.tensor(MAPPINGS["balanced, no padding"])).mask is None
 
 
 def test_rows_without_adapter_are_untouched_when_every_slot_is_used():
