@@ -69,14 +69,11 @@ class _WithValueHead(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False):
         if not values:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        captured: list[torch.Tensor] = []
-        head_in = self.model.get_output_embeddings()  # its input is the final (normed) hidden state
-        hook = head_in.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            hook.remove()
-        return self.value_head(captured[-1].float()).squeeze(-1)
+        # The decoder alone (no lm_head: a 152k-vocabulary projection the critic does not need);
+        # its last hidden state is what the lm_head would read (after the final norm).
+        decoder = self.model.get_base_model().get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.value_head(hidden.float()).squeeze(-1)
 
 
 class Policy:

@@ -73,6 +73,9 @@ def test_ppo_critic_update_trains_both_adapters_and_head_and_publishes_the_polic
         ids[:, -1] = (ids[:, -1] + 1) % 16
         assert torch.equal(v, policy.values(ids, batch.attention_mask))
         assert torch.all(v[:, 0] == 0) and v[:, 1:].abs().sum() > 0
+        with policy.reference():  # the critic's own adapter is what V runs through
+            v_base = policy.values(batch.input_ids, batch.attention_mask)
+        assert (v - v_base).abs().max() > 1e-4
     published = policy.adapter_state_dict()
     plain = Policy(ModelConfig(path=str(tiny_model), lora_rank=8, lora_alpha=16)).adapter_state_dict()
     assert set(published) == set(plain)
