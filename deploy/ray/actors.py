@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from services.common.net import free_port
+from services.common.net import free_port, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +64,8 @@ def process_tree(root: int | None = None) -> list[int]:
 
 
 def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Block until `target` answers grpc.health.v1 with SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    # Short reconnect backoff: a server that takes minutes to come up (vLLM) is seen at once.
-    backoff = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-               ("grpc.max_reconnect_backoff_ms", 1000)]
-    with grpc.insecure_channel(target, options=backoff) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if not alive():
-                raise RuntimeError(f"{target} exited before serving")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target} not serving after {timeout_s:.0f}s")
-            time.sleep(0.2)
+    """Block until `target` answers grpc.health.v1 with SERVING; RuntimeError once `alive()` is false."""
+    wait_healthy(target, timeout_s, still_alive=lambda: None if alive() else f"{target} exited before serving")
 
 
 def _configure_logging(level: str, role: str) -> None:

@@ -7,7 +7,9 @@ imports anything heavy, so `loraloop bench NAME --help` answers at once.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+from pathlib import Path
 
 # name -> (module with main(argv) -> int, one-line summary)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -18,6 +20,15 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "learner": ("services.bench.learner",
                 "RL update tok/s and peak memory: LoRA (ref = adapter off) vs full fine-tuning + a reference copy"),
 }
+
+
+def emit(report: str, result: dict, out: Path | None) -> None:
+    """Print a benchmark's table and, with --out, write every figure as JSON."""
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
 
 
 def usage() -> str:

@@ -12,7 +12,6 @@ Goals: publish+fetch within 1.5x of the floor; p99 watch notification under 50 m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.bench import emit
 from services.common.net import free_port
 
 if TYPE_CHECKING:
@@ -415,9 +415,5 @@ def main(argv: list[str]) -> int:
         _stop(broker_proc)
         _stop(redis_proc)
         shutil.rmtree(workdir, ignore_errors=True)
-    print(report(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+    emit(report(result), result, args.out)
     return 0

@@ -58,6 +58,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.bench import emit
 from services.common import memory
 
 if TYPE_CHECKING:
@@ -520,11 +521,7 @@ def main(argv: list[str]) -> int:
         result = run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(report(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+    emit(report(result), result, args.out)
     return 0
 
 

@@ -25,7 +25,10 @@ def wait_healthy(target: str, timeout_s: float, still_alive: Callable[[], str | 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     own = channel is None
-    ch = grpc.insecure_channel(target) if own else channel
+    # Short reconnect backoff: a server that takes minutes to come up (vLLM) is seen at once.
+    backoff = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    ch = grpc.insecure_channel(target, options=backoff) if own else channel
     try:
         stub = health_pb2_grpc.HealthStub(ch)
         deadline = time.monotonic() + timeout_s
