@@ -118,10 +118,12 @@ class Policy:
             nn.init.zeros_(head.bias)
             self.root = _WithValueHead(model, head)
         self.root.to(self.device)
-        self._trainable = [n for n, p in self.root.named_parameters() if p.requires_grad]
+        trainable = {n for n, p in self.root.named_parameters() if p.requires_grad}
         self.rank, self.world = _world()
         if self.world > 1 or cfg.cpu_offload or cfg.mixed_precision:
             self._shard()
+        # After sharding (fully_shard swaps in DTensor parameters); stable from here on.
+        self._trainable = {n: p for n, p in self.root.named_parameters() if n in trainable}
 
     def _shard(self) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -147,12 +149,10 @@ class Policy:
         return self.actor_parameters() + self.critic_parameters()
 
     def actor_parameters(self) -> list[nn.Parameter]:
-        params = dict(self.root.named_parameters())
-        return [params[n] for n in self._trainable if not self._is_critic(n)]
+        return [p for n, p in self._trainable.items() if not self._is_critic(n)]
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        params = dict(self.root.named_parameters())
-        return [params[n] for n in self._trainable if self._is_critic(n)]
+        return [p for n, p in self._trainable.items() if self._is_critic(n)]
 
     @staticmethod
     def _is_critic(name: str) -> bool:
@@ -161,10 +161,9 @@ class Policy:
     def _restore_trainable(self) -> None:
         # peft's adapter switches (set_adapter, leaving disable_adapter) set requires_grad on
         # the active adapter only; both adapters train here, so put the flags back.
-        params = dict(self.root.named_parameters())
-        for n in self._trainable:
-            if not params[n].requires_grad:
-                params[n].requires_grad_(True)
+        for p in self._trainable.values():
+            if not p.requires_grad:
+                p.requires_grad_(True)
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                        with_entropy: bool = False, entropy_grad: bool = False,
