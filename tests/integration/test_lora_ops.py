@@ -123,6 +123,9 @@ def test_fused_weights_refresh_only_the_slots_whose_adapter_changed(slices, dtyp
     for got, want in zip(refreshed.dense[1], rebuilt.b_t, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(refreshed.dense[0], rebuilt.a_t, rtol=0, atol=0)
+    assert (rebuilt.block_diag is not None) == (dtype == torch.bfloat16 and len(slices) == 3)
+    if rebuilt.block_diag is not None:
+        torch.testing.assert_close(refreshed.block_diag, rebuilt.block_diag, rtol=0, atol=0)
     # A write that no layout change explains: everything is rebuilt.
     a[0][2].zero_()
     again = lora_ops.fuse_lora_weights(a, b, refreshed, layout=(5, 11, 9, None))
@@ -213,3 +216,24 @@ def test_plugin_is_registered_with_vllm():
 
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert names.get("loraloop_lora_ops") == "services.rollout.lora_ops:register"
+
+
+@pytest.mark.parametrize("in_size,slices", LAYERS)
+@pytest.mark.parametrize("mapping", ["one adapter", "mixed", "mixed with -1", "balanced, no padding"])
+def test_bf16_lora_linear_matches_stock_ops(in_size, slices, mapping):
+    """bf16 weights and activations (the 0.5B bench's dtype): no float32 copies here, block-diagonal
+    qkv expand. Stock ops shrink in float32 and round to bf16 before the expand, a bf16 matmul
+    accumulates in float32 and rounds once: the same up to summation order, which can flip the
+    last bit of a rounded value: 2 bf16 ulps of the O(1) outputs (2 * 2**-7) is the tolerance."""
+    idx = torch.tensor(MAPPINGS[mapping])
+    a, b = stacked(in_size, slices)
+    a, b = tuple(t.bfloat16() for t in a), tuple(t.bfloat16() for t in b)
+    x = torch.randn(len(idx), in_size).bfloat16()
+    y0 = torch.randn(len(idx), sum(slices)).bfloat16()
+    want, got = y0.clone(), y0.clone()
+    stock_lora_linear(want, x, a, b, 1.0, slices, idx)
+    fused = lora_ops.fuse_lora_weights(a, b)
+    assert fused.a_t.dtype == torch.bfloat16 and (fused.block_diag is not None) == (len(slices) == 3)
+    lora_ops.lora_linear(got, x, fused, 1.0, slices, lora_ops.group_tokens(idx))
+    assert not torch.equal(got, y0)  # the adapter acted
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * 2**-7 * max(1.0, want.abs().max().item()))
