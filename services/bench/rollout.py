@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import secrets
 import shutil
 import statistics
@@ -361,6 +362,21 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
     }
 
 
+_LOADED = re.compile(r"loaded bench@v(\d+) .*fetch ([\d.]+) ms, check \+ cache ([\d.]+) ms, engine ([\d.]+) ms")
+
+
+def server_parts(workdir: Path, samples: list[dict]) -> dict:
+    """The rollout server's own account of each timed load (its INFO log line per version)."""
+    timed = {s["version"] for s in samples}
+    rows: dict[str, list[float]] = {"fetch": [], "check_cache": [], "engine": []}
+    for log_path in workdir.glob("rollout-*.log"):
+        for m in _LOADED.finditer(log_path.read_text(errors="replace")):
+            if int(m.group(1)) in timed:
+                for key, val in zip(rows, m.groups()[1:], strict=True):
+                    rows[key].append(float(val))
+    return {k: {"p50": _pct(v, 50), "p95": _pct(v, 95)} for k, v in rows.items() if v}
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -435,6 +451,11 @@ def report(result: dict) -> str:
             p = h["parts_ms"]
             lines.append(f"{h['model']:>6} | {p['publish_call']['p50']:>7.1f} {p['visible']['p50']:>7.1f} "
                          f"{p['fetch']['p50']:>6.1f} {p['add_lora']['p50']:>8.1f} {p['inproc_first_token']['p50']:>7.1f}")
+        if any(h.get("server_parts_ms") for h in result["hotload"]):
+            lines.append("rollout server's own log, p50 ms: fetch (broker -> bytes), check + cache write, engine add_lora")
+            for h in result["hotload"]:
+                sp = h.get("server_parts_ms") or {}
+                lines.append(f"{h['model']:>6} | " + " ".join(f"{k} {v['p50']:.1f}" for k, v in sp.items()))
         lines.append(f"goal: served p50 <= {g:g}x floor p50")
     return "\n".join(lines)
 
@@ -478,7 +499,8 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
                         procs.append(redis_proc)
                         broker_proc, broker = start_broker(redis_url, workdir, tokens, 200 * 2**20)
                         procs.append(broker_proc)
-                    rollout_proc, target = start_rollout(model_dir, broker, tokens, workdir, shm / f"cache-{shape}")
+                    rollout_proc, target = start_rollout(model_dir, broker, tokens, workdir, shm / f"cache-{shape}",
+                                                         log_level="INFO")
                     procs.append(rollout_proc)
                     stub = RolloutStub(target, tokens["client"])
                     with BrokerClient(broker, tokens["learner"]) as pub, \
@@ -488,6 +510,7 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
                     stub.close()
                     _stop(rollout_proc)
                     procs.remove(rollout_proc)
+                    hotload[-1]["server_parts_ms"] = server_parts(workdir, hotload[-1]["samples"])
             finally:
                 engine.shutdown()
     finally:

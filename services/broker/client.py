@@ -51,6 +51,9 @@ def _ref(selector: str | AdapterSelector) -> pb.AdapterRef:
 
 
 class BrokerClient:
+    # fetch() hashes the bytes as they arrive and raises DATA_LOSS on a mismatch with the record.
+    verifies_sha256 = True
+
     def __init__(
         self,
         target: str,

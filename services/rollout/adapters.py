@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ class AdapterSource(Protocol):
     def get(self, selector: str) -> AdapterVersion: ...
     def fetch(self, selector: str) -> tuple[AdapterVersion, bytes]: ...
 
+    # A source whose fetch already checked the bytes against record.sha256 sets this True
+    # (BrokerClient hashes as the bytes arrive), so they are not hashed a second time.
+    verifies_sha256: bool
+
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -75,15 +80,16 @@ class BaseModel:
         return cls(model_fingerprint(model_dir), frozenset(names), max_lora_rank)
 
 
-def check_adapter(record: AdapterVersion, data: bytes, base: BaseModel) -> None:
-    """Raise AdapterRefused unless this server can serve `record` with bytes `data`."""
+def check_adapter(record: AdapterVersion, data: bytes, base: BaseModel, sha256_verified: bool = False) -> None:
+    """Raise AdapterRefused unless this server can serve `record` with bytes `data`
+    (`sha256_verified`: the source already matched the bytes to record.sha256)."""
     where = record.ref
     if record.base_model_fingerprint != base.fingerprint:
         raise AdapterRefused(f"{where} was trained on base {record.base_model_fingerprint[:23]}…, "
                              f"this server serves {base.fingerprint[:23]}…")
     if record.rank > base.max_lora_rank:
         raise AdapterRefused(f"{where} has rank {record.rank} > max_lora_rank {base.max_lora_rank}")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = record.sha256 if sha256_verified else hashlib.sha256(data).hexdigest()
     if digest != record.sha256 or len(data) != record.size_bytes:
         raise AdapterRefused(f"{where}: bytes are corrupt (sha256 {digest[:12]}…, record {record.sha256[:12]}…)")
     try:
@@ -128,6 +134,7 @@ class AdapterManager:
         # Called with an adapter name the first time a request loads it, so that name is
         # followed from then on (its @latest keeps moving). The server wires the follower here.
         self.on_first_use = lambda name: None
+        self._fetch_s = 0.0
         self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
 
     # ------------------------------------------------------------ loading
@@ -162,8 +169,10 @@ class AdapterManager:
         fut: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
+            t0 = time.perf_counter()
             if data is None:
                 record, data = await self._fetch(record.ref)
+            self._fetch_s = time.perf_counter() - t0
             lv = await self._load_bytes(record, data)
             fut.set_result(lv)
             return lv
@@ -176,21 +185,18 @@ class AdapterManager:
 
     async def _load_bytes(self, record: AdapterVersion, data: bytes) -> LoadedVersion:
         key = (record.name, record.version)
+        t0 = time.perf_counter()
         try:
-            check_adapter(record, data, self.base)
+            # In a thread: checking and writing tens of MB must not stall the requests being
+            # streamed from this event loop meanwhile.
+            path = await asyncio.to_thread(self._check_and_cache, record, data)
         except AdapterRefused as e:
             self.refused[key] = str(e)
             log.error("refused adapter: %s", e)
             raise
-        path = self.cache_dir / record.name / f"v{record.version}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
-        (tmp / WEIGHTS_NAME).write_bytes(data)
-        (tmp / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
         handle = LoraHandle(record.ref, self._next_id, str(path))
         self._next_id += 1
+        t1 = time.perf_counter()
         try:
             await self.engine.add_lora(handle)
         except RuntimeError as e:
@@ -201,8 +207,22 @@ class AdapterManager:
         lv = LoadedVersion(record, handle)
         self.loaded[key] = lv
         self.loads += 1
-        log.info("loaded %s (lora id %d, %d bytes)", record.ref, handle.lora_id, record.size_bytes)
+        t2 = time.perf_counter()
+        log.info("loaded %s (lora id %d, %d bytes; fetch %.1f ms, check + cache %.1f ms, engine %.1f ms)",
+                 record.ref, handle.lora_id, record.size_bytes, self._fetch_s * 1e3, (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3)
         return lv
+
+    def _check_and_cache(self, record: AdapterVersion, data: bytes) -> Path:
+        check_adapter(record, data, self.base, getattr(self.source, "verifies_sha256", False))
+        path = self.cache_dir / record.name / f"v{record.version}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+        (tmp / WEIGHTS_NAME).write_bytes(data)
+        (tmp / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path
 
     async def on_published(self, record: AdapterVersion) -> None:
         """A version announced by the broker: load it, then move `latest` to it."""

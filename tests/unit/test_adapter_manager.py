@@ -178,3 +178,29 @@ def test_first_use_of_an_unfollowed_name_starts_following(setup):
 
     run(scenario())
     assert followed == ["q"] and "q" in m.followed
+
+
+@pytest.mark.parametrize("source_verifies", [False, True])
+def test_bytes_are_hashed_unless_the_source_verified_them(tmp_path, monkeypatch, source_verifies):
+    """A source that does not verify: corrupt bytes are refused here. One that does (BrokerClient
+    hashes while it streams): no second sha256 pass over the bytes (~17 ms for 35 MB)."""
+    broker = FakeBroker()
+    broker.verifies_sha256 = source_verifies
+    m = AdapterManager(FakeEngine(), broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    rec = broker.publish("p", 1)
+    good = broker.versions[("p", 1)][1]
+    broker.versions[("p", 1)] = (rec, good[:-4] + bytes(4))  # same length, other bytes
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+
+    async def scenario():
+        if source_verifies:
+            await m.load(rec)
+            assert not hashed and ("p", 1) in m.loaded
+        else:
+            with pytest.raises(AdapterRefused, match="corrupt"):
+                await m.load(rec)
+            assert hashed and ("p", 1) in m.refused
+
+    run(scenario())
