@@ -289,7 +289,7 @@ class HotLoad:
     @property
     def floor_with_first_token(self) -> float:
         """Definition (b)'s floor: (a)'s plus the first generation with the version in-process."""
-        return self.fetch + self.add_lora + self.inproc_first_token
+        return self.floor + self.inproc_first_token
 
 
 async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path], hotloads: int,

@@ -134,7 +134,6 @@ class AdapterManager:
         # Called with an adapter name the first time a request loads it, so that name is
         # followed from then on (its @latest keeps moving). The server wires the follower here.
         self.on_first_use = lambda name: None
-        self._fetch_s = 0.0
         self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
 
     # ------------------------------------------------------------ loading
@@ -155,6 +154,7 @@ class AdapterManager:
 
     async def load(self, record: AdapterVersion | None, selector: str | None = None) -> LoadedVersion:
         """Fetch, verify, write to the local cache and load into the engine (once per version)."""
+        t0 = time.perf_counter()
         if record is None:
             record, data = await self._fetch(selector or "")
         else:
@@ -169,11 +169,9 @@ class AdapterManager:
         fut: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
-            t0 = time.perf_counter()
             if data is None:
                 record, data = await self._fetch(record.ref)
-            self._fetch_s = time.perf_counter() - t0
-            lv = await self._load_bytes(record, data)
+            lv = await self._load_bytes(record, data, fetch_s=time.perf_counter() - t0)
             fut.set_result(lv)
             return lv
         except BaseException as e:
@@ -183,7 +181,7 @@ class AdapterManager:
         finally:
             del self._loading[key]
 
-    async def _load_bytes(self, record: AdapterVersion, data: bytes) -> LoadedVersion:
+    async def _load_bytes(self, record: AdapterVersion, data: bytes, fetch_s: float) -> LoadedVersion:
         key = (record.name, record.version)
         t0 = time.perf_counter()
         try:
@@ -209,7 +207,7 @@ class AdapterManager:
         self.loads += 1
         t2 = time.perf_counter()
         log.info("loaded %s (lora id %d, %d bytes; fetch %.1f ms, check + cache %.1f ms, engine %.1f ms)",
-                 record.ref, handle.lora_id, record.size_bytes, self._fetch_s * 1e3, (t1 - t0) * 1e3,
+                 record.ref, handle.lora_id, record.size_bytes, fetch_s * 1e3, (t1 - t0) * 1e3,
                  (t2 - t1) * 1e3)
         return lv
 

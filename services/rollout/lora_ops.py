@@ -16,10 +16,10 @@ Matmuls run in the weights' dtype (bf16 models: bf16 with float32 accumulation, 
 copies of x or A); qkv's three B slices go on one block diagonal in 16-bit dtypes (one expand
 matmul); mixed batches write the slices' outputs into a reused buffer and add them back with one
 `index_add_` (a bf16 `torch.cat` of gate/up outputs cost 0.5-1 ms per layer).
-Tried and measured slower here (torch 2.13 CPU, 2 cores, r=16, 64 rows): B of all slices on one
-block diagonal (one expand matmul instead of one per slice: fewer ops but 2-3x the flops, and a
-row-major K x N weight is slower than the transposed view these shapes get), and picking mixed
-rows back with index_select + add instead of index_add_.
+Tried and measured slower here (torch 2.13 CPU, 2 cores, r=16, 64 rows): in float32, B of all
+slices on one block diagonal (fewer ops but 2-3x the flops, and a row-major K x N weight is
+slower than the transposed view these shapes get; in bf16 it is the faster for qkv, see
+BLOCK_DIAG_MIN_SLICES), and picking mixed rows back with index_select + add instead of index_add_.
 
 Install: the `vllm.general_plugins` entry point `register`, which vLLM calls in each process it
 starts (front end, engine core, workers) before the model is built. `LORALOOP_FAST_LORA_OPS=0`
@@ -148,9 +148,7 @@ class FusedLora:
     slot_views: dict = field(default_factory=dict)
     layout: tuple | None = None  # adapter id in each slot when built (vLLM's lora_index_to_id)
     a_copied: bool = True  # a_t is a copy (else a view of the one source)
-
-    # Work buffers reused from step to step (fresh ~1 MB tensors each call cost page faults)
-    buffers: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)  # mixed-batch output buffers, reused per shape
 
     @property
     def slices(self) -> tuple[int, ...]:
@@ -304,6 +302,9 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
     out = w.scratch(("out", groups.n_groups, width, n), (groups.n_groups, width, n), y.dtype)
     off = 0
     for i, size in enumerate(output_slices):
+        if len(output_slices) == 1:  # the buffer is the slice: no copy
+            torch.bmm(buf, b_t[0][lo:hi, :, :size], out=out)
+            break
         part = w.scratch(("part", i, groups.n_groups, width), (groups.n_groups, width, size), y.dtype)
         torch.bmm(buf[:, :, i * r: (i + 1) * r], b_t[i][lo:hi, :, :size], out=part)
         out[:, :, off: off + size].copy_(part)
