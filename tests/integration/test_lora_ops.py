@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from services.rollout import lora_ops  # noqa: E402
+from services.rollout import cpu_kernels, lora_ops  # noqa: E402
 
 SLOTS, RANK = 4, 16
 # (input size, output slices): qkv with GQA, o_proj, gate_up, down_proj of a small Qwen2
@@ -63,9 +63,36 @@ def loop_reference(y, x, a, b, scale, slices, idx):
             off += size
 
 
+@pytest.fixture(params=["c kernels", "torch ops"])
+def mixed_path(request, monkeypatch):
+    """Mixed batches run through the C kernels (cpu_kernels.py) or, where those cannot be built,
+    the torch ops: both are tested. Yields the list of kernel calls, to show which path ran."""
+    calls: list[str] = []
+    if request.param == "torch ops":
+        monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    else:
+        k = cpu_kernels.load(strict=True)
+        real = k.shrink
+
+        def shrink(*args, **kwargs):
+            calls.append("shrink")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(k, "shrink", shrink)
+    calls.append(request.param)
+    yield calls
+
+
+def kernel_ran(calls: list[str], idx: torch.Tensor) -> bool:
+    """The C kernels ran exactly when they should: on the C path, for batches mixing adapters."""
+    groups = lora_ops.group_tokens(idx)
+    mixed = groups.any_lora and groups.single < 0
+    return ("shrink" in calls) == (mixed and calls[0] == "c kernels")
+
+
 @pytest.mark.parametrize("in_size,slices", LAYERS)
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
-def test_lora_linear_matches_stock_ops(in_size, slices, mapping):
+def test_lora_linear_matches_stock_ops(in_size, slices, mapping, mixed_path):
     idx = torch.tensor(MAPPINGS[mapping])
     a, b = stacked(in_size, slices)
     x = torch.randn(len(idx), in_size)
@@ -75,6 +102,7 @@ def test_lora_linear_matches_stock_ops(in_size, slices, mapping):
     lora_ops.lora_linear(got, x, lora_ops.fuse_lora_weights(a, b), 0.5, slices,
                          lora_ops.group_tokens(idx))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert kernel_ran(mixed_path, idx)
 
 
 def test_unbalanced_groups_are_not_padded():
@@ -84,7 +112,7 @@ def test_unbalanced_groups_are_not_padded():
     assert lora_ops.group_tokens(torch.tensor(MAPPINGS["balanced, no padding"])).mask is None
 
 
-def test_rows_without_adapter_are_untouched_when_every_slot_is_used():
+def test_rows_without_adapter_are_untouched_when_every_slot_is_used(mixed_path):
     # Stock ops would apply the adapter in the last slot to these rows (lora_weights[-1]).
     idx = torch.tensor([-1, 3, 0, -1, 1, 2, 3])
     a, b = stacked(64, (64, 16, 16), empty_last=False)
@@ -95,6 +123,7 @@ def test_rows_without_adapter_are_untouched_when_every_slot_is_used():
                          lora_ops.group_tokens(idx))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[[0, 3]], y0[[0, 3]])
+    assert kernel_ran(mixed_path, idx)
 
 
 def test_fused_weights_follow_a_new_adapter_in_a_slot():
@@ -120,9 +149,9 @@ def test_fused_weights_refresh_only_the_slots_whose_adapter_changed(slices, dtyp
     assert refreshed is fused  # refreshed in place
     rebuilt = lora_ops.fuse_lora_weights(a, b)
     torch.testing.assert_close(refreshed.a_t, rebuilt.a_t, rtol=0, atol=0)
-    for got, want in zip(refreshed.dense[1], rebuilt.b_t, strict=True):
+    for got, want in zip(refreshed.dense_b, rebuilt.b_t, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(refreshed.dense[0], rebuilt.a_t, rtol=0, atol=0)
+    torch.testing.assert_close(refreshed.dense_a, rebuilt.a_t, rtol=0, atol=0)
     assert (rebuilt.block_diag is not None) == (dtype == torch.bfloat16 and len(slices) == 3)
     if rebuilt.block_diag is not None:
         torch.testing.assert_close(refreshed.block_diag, rebuilt.block_diag, rtol=0, atol=0)
@@ -220,7 +249,7 @@ def test_plugin_is_registered_with_vllm():
 
 @pytest.mark.parametrize("in_size,slices", LAYERS)
 @pytest.mark.parametrize("mapping", ["one adapter", "mixed", "mixed with -1", "balanced, no padding"])
-def test_bf16_lora_linear_matches_stock_ops(in_size, slices, mapping):
+def test_bf16_lora_linear_matches_stock_ops(in_size, slices, mapping, mixed_path):
     """bf16 weights and activations (the 0.5B bench's dtype): no float32 copies here, block-diagonal
     qkv expand. Stock ops shrink in float32 and round to bf16 before the expand, a bf16 matmul
     accumulates in float32 and rounds once: the same up to summation order, which can flip the
@@ -237,3 +266,4 @@ def test_bf16_lora_linear_matches_stock_ops(in_size, slices, mapping):
     lora_ops.lora_linear(got, x, fused, 1.0, slices, lora_ops.group_tokens(idx))
     assert not torch.equal(got, y0)  # the adapter acted
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * 2**-7 * max(1.0, want.abs().max().item()))
+    assert kernel_ran(mixed_path, idx)

@@ -1,0 +1,212 @@
+"""Segmented LoRA kernels for the CPU (lora_cpu.c): built on first use, cached, loaded with ctypes.
+
+lora_ops uses them for batches that mix adapters: one shrink and one expand per slice, written
+straight into the layer's output, instead of torch's gather / batched matmuls / index_add_.
+
+The C source is compiled once per (source, compiler, CPU flags) with `cc -O3 -march=native
+-fopenmp` into a cache directory (`LORALOOP_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraloop/kernels`,
+else `~/.cache/loraloop/kernels`); the write is atomic, so processes that start together (vLLM's
+front end and engine core) may both compile and neither reads half a library. Without a C
+compiler, or with `LORALOOP_CPU_KERNELS=0`, `load()` returns None and lora_ops keeps its torch
+path (logged once). Only pointers, sizes and strides cross into C: no data is copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("vllm.loraloop.cpu_kernels")
+
+SOURCE = Path(__file__).with_name("lora_cpu.c")
+ENV_SWITCH = "LORALOOP_CPU_KERNELS"
+ENV_CACHE = "LORALOOP_KERNEL_CACHE"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+
+_lock = threading.Lock()
+_loaded: CpuKernels | None = None
+_tried = False
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "loraloop" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise KernelBuildError(f"no C compiler ({cc!r} not found on PATH)")
+    return cc
+
+
+def library_path(cc: str) -> Path:
+    """Where the library for this source, compiler and CPU lives (the key covers all three: a
+    cache shared by machines with other CPUs never hands one a library built for another)."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"{cc} --version failed: {e}") from e
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"lora_cpu-{key.hexdigest()[:20]}.so"
+
+
+def build(cc: str | None = None) -> Path:
+    """Compile lora_cpu.c if this machine's library is not cached yet; returns its path."""
+    cc = cc or _compiler()
+    out = library_path(cc)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if r.returncode != 0:
+            raise KernelBuildError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent builder's identical file may be replaced
+    except subprocess.TimeoutExpired as e:
+        raise KernelBuildError(f"{' '.join(cmd)} took over {COMPILE_TIMEOUT_S} s") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("built CPU LoRA kernels: %s", out)
+    return out
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class CpuKernels:
+    """The loaded library, with tensor-level wrappers that check what C cannot."""
+
+    def __init__(self, path: Path) -> None:
+        import torch  # first: libgomp.so.1 must resolve to the OpenMP runtime torch loaded
+
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        for suf in ("bf16", "f32"):
+            fn = getattr(self.lib, f"lora_shrink_{suf}")
+            fn.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _P, _I, _F, _P, _I, ctypes.c_int]
+            fn.restype = None
+            fn = getattr(self.lib, f"lora_expand_{suf}")
+            fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _I]
+            fn.restype = None
+        self.lib.lora_cpu_isa.restype = ctypes.c_int
+        self.isa = "avx512" if self.lib.lora_cpu_isa() == 1 else "portable"
+        self._suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._suffix
+
+    @staticmethod
+    def _check_index(rows: torch.Tensor, seg: torch.Tensor, n_rows: int, slots: int) -> None:
+        import torch
+
+        if rows.dtype != torch.long or seg.dtype != torch.long or not rows.is_contiguous() \
+                or not seg.is_contiguous() or seg.dim() != 2 or seg.size(1) != 3:
+            raise ValueError("rows must be int64 (n,), seg int64 (nseg, 3), both contiguous")
+        if seg.numel() and (int(seg[:, 0].min()) < 0 or int(seg[:, 0].max()) >= slots
+                            or int(seg[:, 1].min()) < 0 or int(seg[:, 2].max()) > rows.numel()):
+            raise ValueError("seg holds a slot or a row range out of bounds")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+            raise ValueError("rows holds a row id out of bounds")
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, seg: torch.Tensor,
+               scale: float, out: torch.Tensor, round_out: bool, check: bool = True) -> None:
+        """out[i, :R] = scale * x[i] @ a[slot_i].T for the rows in seg. x (n, K), a (slots, R, K)
+        both with unit stride in K, same dtype; out float32 (n, >= R), unit stride."""
+        import torch
+
+        slots, rank, k = a.shape
+        if check:
+            if x.dtype != a.dtype or not self.supports(x.dtype) or out.dtype != torch.float32:
+                raise ValueError(f"shrink: x {x.dtype}, a {a.dtype}, out {out.dtype}")
+            if x.dim() != 2 or x.size(1) != k or x.stride(1) != 1 or a.stride(2) != 1 \
+                    or out.stride(1) != 1 or out.size(0) != x.size(0) or out.size(1) < rank:
+                raise ValueError(f"shrink: shapes/strides x {tuple(x.shape)} {x.stride()}, "
+                                 f"a {tuple(a.shape)} {a.stride()}, out {tuple(out.shape)} {out.stride()}")
+            self._check_index(rows, seg, x.size(0), slots)
+        getattr(self.lib, f"lora_shrink_{self._suffix[x.dtype]}")(
+            x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), a.stride(1), rank, k,
+            rows.data_ptr(), seg.data_ptr(), seg.size(0), scale, out.data_ptr(), out.stride(0),
+            1 if round_out else 0)
+
+    def expand(self, y: torch.Tensor, buf: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+               seg: torch.Tensor, check: bool = True) -> None:
+        """y[i] += buf[i, :R] @ b[slot_i] for the rows in seg. y (n, N) and b (slots, R, N) with
+        unit stride in N, same dtype; buf float32 (n, >= R), unit stride."""
+        import torch
+
+        slots, rank, n = b.shape
+        if check:
+            if y.dtype != b.dtype or not self.supports(y.dtype) or buf.dtype != torch.float32:
+                raise ValueError(f"expand: y {y.dtype}, b {b.dtype}, buf {buf.dtype}")
+            if y.dim() != 2 or y.size(1) != n or y.stride(1) != 1 or b.stride(2) != 1 \
+                    or buf.stride(1) != 1 or buf.size(0) != y.size(0) or buf.size(1) < rank:
+                raise ValueError(f"expand: shapes/strides y {tuple(y.shape)} {y.stride()}, "
+                                 f"b {tuple(b.shape)} {b.stride()}, buf {tuple(buf.shape)} {buf.stride()}")
+            self._check_index(rows, seg, y.size(0), slots)
+        getattr(self.lib, f"lora_expand_{self._suffix[y.dtype]}")(
+            y.data_ptr(), y.stride(0), buf.data_ptr(), buf.stride(0), b.data_ptr(), b.stride(0),
+            b.stride(1), rank, n, rows.data_ptr(), seg.data_ptr(), seg.size(0))
+
+
+def load(strict: bool = False) -> CpuKernels | None:
+    """The kernels for this process (built on first use), or None where they cannot be had:
+    `LORALOOP_CPU_KERNELS=0`, no compiler, a failed build. `strict` raises KernelBuildError
+    instead of returning None (tests, `loraloop bench`)."""
+    global _loaded, _tried
+    with _lock:
+        if _loaded is not None or (_tried and not strict):
+            return _loaded
+        _tried = True
+        if os.environ.get(ENV_SWITCH, "1") == "0":
+            if strict:
+                raise KernelBuildError(f"{ENV_SWITCH}=0")
+            return None
+        try:
+            _loaded = CpuKernels(build())
+        except (KernelBuildError, OSError) as e:
+            if strict:
+                raise KernelBuildError(str(e)) from e
+            log.warning("CPU LoRA kernels unavailable, mixed-adapter batches use torch ops: %s", e)
+            return None
+        log.debug("CPU LoRA kernels loaded from %s (%s)", _loaded.path, _loaded.isa)
+        return _loaded
+
+
+def loaded() -> CpuKernels | None:
+    """What load() produced, without trying (None before load() or after it failed)."""
+    return _loaded

@@ -1,0 +1,154 @@
+"""services.rollout.cpu_kernels: the segmented LoRA kernels (lora_cpu.c) against a float64
+reference, their argument checks, and the build cache. Compiles with the machine's C compiler."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from services.rollout import cpu_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def k():
+    return cpu_kernels.load(strict=True)
+
+
+def segments(slots_of_rows: list[int]):
+    """rows sorted by slot and (slot, start, end) triples, as lora_ops.group_tokens makes them."""
+    order = sorted((s, i) for i, s in enumerate(slots_of_rows) if s >= 0)
+    rows = torch.tensor([i for _, i in order], dtype=torch.long)
+    seg, start = [], 0
+    for slot in sorted({s for s, _ in order}):
+        n = sum(1 for s, _ in order if s == slot)
+        seg.append((slot, start, start + n))
+        start += n
+    return rows, torch.tensor(seg, dtype=torch.long).view(-1, 3)
+
+
+# Row -> slot (-1: no adapter). Segments of 1..9 rows cover the 4-row blocks and their remainders.
+MAPPINGS = {
+    "mixed": [0, 1, 0, 2, 2, 1, 0, 2, 1, 0, 0, 0],
+    "with -1": [-1, 3, 0, -1, 1, 2, 3, 3, 3, 3, 3],
+    "one slot": [1] * 9,
+    "singletons": [3, 2, 1, 0],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+@pytest.mark.parametrize("k_in,rank,n_out", [(64, 16, 64), (67, 8, 300), (200, 48, 5), (896, 16, 600)])
+def test_shrink_and_expand_match_float64(k, dtype, mapping, k_in, rank, n_out):
+    slots = 4
+    idx = MAPPINGS[mapping]
+    rows, seg = segments(idx)
+    g = torch.Generator().manual_seed(k_in + rank)
+    x = torch.randn(len(idx), k_in, generator=g).to(dtype)
+    a = (torch.randn(slots, rank, k_in, generator=g) / k_in**0.5).to(dtype)
+    b = (torch.randn(slots, rank, n_out, generator=g) / rank**0.5).to(dtype)
+    wide = torch.randn(len(idx), n_out + 7, generator=g).to(dtype)  # y is a column slice: ldy > N
+    y = wide[:, 3: 3 + n_out]
+    y0, wide0 = y.clone(), wide.clone()
+
+    buf = torch.full((len(idx), rank + 2), float("nan"))  # ldo > R; rows without adapter stay NaN
+    k.shrink(x, a, rows, seg, 0.5, buf, round_out=dtype == torch.bfloat16)
+    k.expand(y, buf, b, rows, seg)
+
+    for i, slot in enumerate(idx):
+        if slot < 0:
+            assert torch.equal(wide[i], wide0[i])
+            continue
+        want_buf = 0.5 * (x[i].double() @ a[slot].double().T)
+        want_y = y0[i].double() + want_buf @ b[slot].double()
+        if dtype == torch.float32:
+            torch.testing.assert_close(buf[i, :rank].double(), want_buf, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y[i].double(), want_y, rtol=1e-5, atol=1e-5)
+        else:
+            # buf is rounded to bf16 (1 ulp), then y is rounded once: 2 ulps of the O(1) values
+            tol = 2 * 2**-7 * max(1.0, want_y.abs().max().item())
+            torch.testing.assert_close(buf[i, :rank].double(), want_buf, rtol=2**-7, atol=2**-7)
+            torch.testing.assert_close(y[i].double(), want_y, rtol=0, atol=tol)
+    # Columns beside the slice are never written.
+    assert torch.equal(wide[:, :3], wide0[:, :3]) and torch.equal(wide[:, 3 + n_out:], wide0[:, 3 + n_out:])
+    assert not torch.equal(y, y0)
+
+
+def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(k):
+    # One row, rank 1, K 1: buf = x * a exactly; y += buf * 1. y0 = 1, so the sum's rounding to
+    # bf16 is torch's (round to nearest even) on values that sit exactly between two bf16s.
+    rows, seg = segments([0])
+    steps = torch.tensor([2**-8, 3 * 2**-8, 2**-9, float("nan"), float("inf")])
+    for s in steps.tolist():
+        x = torch.tensor([[1.0]], dtype=torch.bfloat16)
+        a = torch.ones(1, 1, 1, dtype=torch.bfloat16)
+        b = torch.ones(1, 1, 1, dtype=torch.bfloat16)
+        buf = torch.tensor([[s]], dtype=torch.float32)
+        y = torch.ones(1, 1, dtype=torch.bfloat16)
+        k.expand(y, buf, b, rows, seg)
+        want = (torch.tensor(1.0) + torch.tensor(s)).to(torch.bfloat16)
+        assert torch.equal(y, want.view(1, 1)) or (want.isnan() and y.isnan().all()), (s, y, want)
+        k.shrink(x, a, rows, seg, s, buf, round_out=True)
+        assert torch.equal(buf.to(torch.bfloat16), torch.tensor([[s]]).to(torch.bfloat16)) or buf.isnan().all()
+
+
+def test_bad_arguments_are_refused(k):
+    rows, seg = segments([0, 1])
+    x, a = torch.randn(2, 8), torch.randn(2, 4, 8)
+    buf = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="shrink"):
+        k.shrink(x.bfloat16(), a, rows, seg, 1.0, buf, False)  # dtypes differ
+    with pytest.raises(ValueError, match="shrink"):
+        k.shrink(x.t().contiguous().t(), a, rows, seg, 1.0, buf, False)  # x not unit stride in K
+    with pytest.raises(ValueError, match="out of bounds"):
+        k.shrink(x, a, rows, torch.tensor([[2, 0, 2]]), 1.0, buf, False)  # slot 2 of 2
+    with pytest.raises(ValueError, match="out of bounds"):
+        k.expand(torch.zeros(2, 8), buf, torch.randn(2, 4, 8), torch.tensor([0, 5]), seg)
+    with pytest.raises(ValueError, match="expand"):
+        k.expand(torch.zeros(2, 8, dtype=torch.float16), buf, torch.randn(2, 4, 8).half(), rows, seg)
+
+
+def test_build_is_cached_per_source_and_skipped_when_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    first = cpu_kernels.build()
+    assert first.parent == tmp_path and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporaries left
+    # Another source is another library.
+    src = tmp_path / "lora_cpu.c"
+    src.write_text(cpu_kernels.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", src)
+    assert cpu_kernels.library_path("cc") != first
+
+
+def test_without_compiler_or_when_switched_off_load_gives_none(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert cpu_kernels.load() is None  # logged, torch ops stay
+    with pytest.raises(cpu_kernels.KernelBuildError, match="no C compiler"):
+        cpu_kernels.load(strict=True)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    assert cpu_kernels.load() is None
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    assert cpu_kernels.load(strict=True) is not None  # a strict load tries again
+    assert cpu_kernels.loaded() is not None
+
+
+def test_a_broken_source_is_a_build_error_with_the_compiler_output(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    src = tmp_path / "broken.c"
+    src.write_text("int f( {\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", src)
+    with pytest.raises(cpu_kernels.KernelBuildError, match="error"):
+        cpu_kernels.build()
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*.tmp"))
