@@ -112,6 +112,15 @@ def test_unbalanced_groups_are_not_padded():
     assert lora_ops.group_tokens(torch.tensor(MAPPINGS["balanced, no padding"])).mask is None
 
 
+def test_groups_are_reused_while_the_mapping_stays_the_same():
+    first = lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed"]))
+    assert lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed"]), first) is first  # decode steps
+    changed = lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed with -1"]), first)
+    assert changed is not first
+    assert changed.segments == lora_ops.group_tokens(torch.tensor(MAPPINGS["mixed with -1"])).segments
+    assert torch.equal(changed.seg_table, torch.tensor(changed.segments))
+
+
 def test_rows_without_adapter_are_untouched_when_every_slot_is_used(mixed_path):
     # Stock ops would apply the adapter in the last slot to these rows (lora_weights[-1]).
     idx = torch.tensor([-1, 3, 0, -1, 1, 2, 3])
