@@ -130,36 +130,36 @@ class CpuKernels:
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._suffix
 
-    @staticmethod
-    def _check_index(rows: torch.Tensor, seg: torch.Tensor, n_rows: int, slots: int) -> None:
+    def _check(self, op: str, act: torch.Tensor, w: torch.Tensor, f32: torch.Tensor,
+               rows: torch.Tensor, seg: torch.Tensor) -> None:
+        """act (n, K) and w (slots, R, K) in one supported dtype with unit stride in K; f32 a
+        float32 (n, >= R) buffer with unit stride; rows/seg in bounds. Raises ValueError."""
         import torch
 
+        if act.dtype != w.dtype or not self.supports(act.dtype) or f32.dtype != torch.float32:
+            raise ValueError(f"{op}: dtypes {act.dtype}, {w.dtype}, {f32.dtype}")
+        if act.dim() != 2 or w.dim() != 3 or act.size(1) != w.size(2) or act.stride(1) != 1 \
+                or w.stride(2) != 1 or f32.stride(1) != 1 or f32.size(0) != act.size(0) \
+                or f32.size(1) < w.size(1):
+            raise ValueError(f"{op}: shapes/strides {tuple(act.shape)} {act.stride()}, "
+                             f"{tuple(w.shape)} {w.stride()}, {tuple(f32.shape)} {f32.stride()}")
         if rows.dtype != torch.long or seg.dtype != torch.long or not rows.is_contiguous() \
                 or not seg.is_contiguous() or seg.dim() != 2 or seg.size(1) != 3:
-            raise ValueError("rows must be int64 (n,), seg int64 (nseg, 3), both contiguous")
-        if seg.numel() and (int(seg[:, 0].min()) < 0 or int(seg[:, 0].max()) >= slots
+            raise ValueError(f"{op}: rows must be int64 (n,), seg int64 (nseg, 3), both contiguous")
+        if seg.numel() and (int(seg[:, 0].min()) < 0 or int(seg[:, 0].max()) >= w.size(0)
                             or int(seg[:, 1].min()) < 0 or int(seg[:, 2].max()) > rows.numel()):
-            raise ValueError("seg holds a slot or a row range out of bounds")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
-            raise ValueError("rows holds a row id out of bounds")
+            raise ValueError(f"{op}: seg holds a slot or a row range out of bounds")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= act.size(0)):
+            raise ValueError(f"{op}: rows holds a row id out of bounds")
 
     def shrink(self, x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, seg: torch.Tensor,
                scale: float, out: torch.Tensor, round_out: bool, check: bool = True) -> None:
         """out[i, :R] = scale * x[i] @ a[slot_i].T for the rows in seg. x (n, K), a (slots, R, K)
         both with unit stride in K, same dtype; out float32 (n, >= R), unit stride."""
-        import torch
-
-        slots, rank, k = a.shape
         if check:
-            if x.dtype != a.dtype or not self.supports(x.dtype) or out.dtype != torch.float32:
-                raise ValueError(f"shrink: x {x.dtype}, a {a.dtype}, out {out.dtype}")
-            if x.dim() != 2 or x.size(1) != k or x.stride(1) != 1 or a.stride(2) != 1 \
-                    or out.stride(1) != 1 or out.size(0) != x.size(0) or out.size(1) < rank:
-                raise ValueError(f"shrink: shapes/strides x {tuple(x.shape)} {x.stride()}, "
-                                 f"a {tuple(a.shape)} {a.stride()}, out {tuple(out.shape)} {out.stride()}")
-            self._check_index(rows, seg, x.size(0), slots)
+            self._check("shrink", x, a, out, rows, seg)
         getattr(self.lib, f"lora_shrink_{self._suffix[x.dtype]}")(
-            x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), a.stride(1), rank, k,
+            x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), a.stride(1), a.size(1), a.size(2),
             rows.data_ptr(), seg.data_ptr(), seg.size(0), scale, out.data_ptr(), out.stride(0),
             1 if round_out else 0)
 
@@ -167,20 +167,11 @@ class CpuKernels:
                seg: torch.Tensor, check: bool = True) -> None:
         """y[i] += buf[i, :R] @ b[slot_i] for the rows in seg. y (n, N) and b (slots, R, N) with
         unit stride in N, same dtype; buf float32 (n, >= R), unit stride."""
-        import torch
-
-        slots, rank, n = b.shape
         if check:
-            if y.dtype != b.dtype or not self.supports(y.dtype) or buf.dtype != torch.float32:
-                raise ValueError(f"expand: y {y.dtype}, b {b.dtype}, buf {buf.dtype}")
-            if y.dim() != 2 or y.size(1) != n or y.stride(1) != 1 or b.stride(2) != 1 \
-                    or buf.stride(1) != 1 or buf.size(0) != y.size(0) or buf.size(1) < rank:
-                raise ValueError(f"expand: shapes/strides y {tuple(y.shape)} {y.stride()}, "
-                                 f"b {tuple(b.shape)} {b.stride()}, buf {tuple(buf.shape)} {buf.stride()}")
-            self._check_index(rows, seg, y.size(0), slots)
+            self._check("expand", y, b, buf, rows, seg)
         getattr(self.lib, f"lora_expand_{self._suffix[y.dtype]}")(
             y.data_ptr(), y.stride(0), buf.data_ptr(), buf.stride(0), b.data_ptr(), b.stride(0),
-            b.stride(1), rank, n, rows.data_ptr(), seg.data_ptr(), seg.size(0))
+            b.stride(1), b.size(1), b.size(2), rows.data_ptr(), seg.data_ptr(), seg.size(0))
 
 
 def load(strict: bool = False) -> CpuKernels | None:
