@@ -155,11 +155,16 @@ class AdapterManager:
     async def load(self, record: AdapterVersion | None, selector: str | None = None) -> LoadedVersion:
         """Fetch, verify, write to the local cache and load into the engine (once per version)."""
         t0 = time.perf_counter()
-        if record is None:
-            record, data = await self._fetch(selector or "")
+        data: bytes | None = None
+        if record is not None:
+            key = (record.name, record.version)
         else:
-            data = None
-        key = (record.name, record.version)
+            sel = parse_selector(selector or "")
+            if sel.is_latest:  # which version, only the broker knows: fetch it to find out
+                record, data = await self._fetch(str(sel))
+                key = (record.name, record.version)
+            else:  # pinned: join a load of it already under way instead of fetching it again
+                key = (sel.name, sel.version)
         if key in self.loaded:
             return self.loaded[key]
         if key in self.refused:
@@ -170,7 +175,7 @@ class AdapterManager:
         self._loading[key] = fut
         try:
             if data is None:
-                record, data = await self._fetch(record.ref)
+                record, data = await self._fetch(f"{key[0]}@v{key[1]}")
             lv = await self._load_bytes(record, data, fetch_s=time.perf_counter() - t0)
             fut.set_result(lv)
             return lv

@@ -160,6 +160,22 @@ def test_concurrent_requests_load_a_version_once(setup):
 
         ids = await asyncio.gather(*(use() for _ in range(8)))
         assert set(ids) == {1} and engine.calls.count("add p@v1") == 1
+        assert broker.fetches == 1  # the bytes too: the other seven waited for the first load
+
+    run(scenario())
+
+
+def test_a_request_pinning_a_version_being_loaded_waits_for_that_load(setup):
+    engine, broker, m = setup
+    rec = broker.publish("p", 1)
+
+    async def scenario():
+        announced = asyncio.create_task(m.on_published(rec))  # the follower's load
+        await asyncio.sleep(0)  # it is under way (fetching)
+        async with m.acquire("p@v1") as lv:
+            assert lv.record.version == 1
+        await announced
+        assert broker.fetches == 1 and engine.calls.count("add p@v1") == 1
 
     run(scenario())
 
