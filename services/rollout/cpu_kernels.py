@@ -123,6 +123,10 @@ class CpuKernels:
             fn = getattr(self.lib, f"lora_expand_{suf}")
             fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _I]
             fn.restype = None
+            fn = getattr(self.lib, f"lora_linear_{suf}")
+            fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F,
+                           _P, _I, ctypes.c_int]
+            fn.restype = None
         self.lib.lora_cpu_isa.restype = ctypes.c_int
         self.isa = "avx512" if self.lib.lora_cpu_isa() == 1 else "portable"
         self._suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -172,6 +176,46 @@ class CpuKernels:
         getattr(self.lib, f"lora_expand_{self._suffix[y.dtype]}")(
             y.data_ptr(), y.stride(0), buf.data_ptr(), buf.stride(0), b.data_ptr(), b.stride(0),
             b.stride(1), b.size(1), b.size(2), rows.data_ptr(), seg.data_ptr(), seg.size(0))
+
+
+    def slice_args(self, bs: tuple[torch.Tensor, ...], n_out: tuple[int, ...]) -> torch.Tensor:
+        """What `linear` needs of a layer's B slices, made once per layer: an int64 (5, n_slices)
+        table of data pointer, slot stride, row stride, output columns and column offset. The
+        tensors in `bs` (slots, rank, >= n_out[i], unit stride in the last dim) must outlive it."""
+        import torch
+
+        if len(bs) != len(n_out) or not bs:
+            raise ValueError(f"{len(bs)} B slices for {len(n_out)} output slices")
+        for b, n in zip(bs, n_out, strict=True):
+            if b.dim() != 3 or b.stride(2) != 1 or b.size(2) < n or b.dtype != bs[0].dtype \
+                    or b.size(0) != bs[0].size(0) or b.size(1) != bs[0].size(1):
+                raise ValueError(f"B slice {tuple(b.shape)} {b.stride()} {b.dtype} for {n} columns")
+        offs = [sum(n_out[:i]) for i in range(len(n_out))]
+        return torch.tensor([[b.data_ptr() for b in bs], [b.stride(0) for b in bs],
+                             [b.stride(1) for b in bs], list(n_out), offs], dtype=torch.long)
+
+    def linear(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, args: torch.Tensor,
+               rows: torch.Tensor, seg: torch.Tensor, scale: float, buf: torch.Tensor,
+               round_out: bool, check: bool = True) -> None:
+        """A LoRA layer in one call: buf = scale * x @ a[slot].T (a: (slots, n_slices * rank, K)),
+        then y[:, off_i: off_i + n_i] += buf[:, slice i] @ B_i[slot] for every slice of `args`
+        (from slice_args; B in y's dtype), for the rows in seg."""
+        nslice = args.size(1)
+        rank = a.size(1) // nslice
+        if check:
+            import torch
+
+            self._check("linear", x, a, buf, rows, seg)
+            if a.size(1) != rank * nslice or y.dim() != 2 or y.dtype != x.dtype or y.stride(1) != 1 \
+                    or y.size(0) != x.size(0) or int(args[3].sum()) > y.size(1) \
+                    or args.dtype != torch.long or args.size(0) != 5:
+                raise ValueError(f"linear: y {tuple(y.shape)} {y.stride()}, a {tuple(a.shape)}, "
+                                 f"{nslice} slices of {args[3].tolist()} columns")
+        getattr(self.lib, f"lora_linear_{self._suffix[y.dtype]}")(
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0),
+            a.stride(1), a.size(2), rank, nslice, args[0].data_ptr(), args[1].data_ptr(),
+            args[2].data_ptr(), args[3].data_ptr(), args[4].data_ptr(), rows.data_ptr(),
+            seg.data_ptr(), seg.size(0), scale, buf.data_ptr(), buf.stride(0), 1 if round_out else 0)
 
 
 def load(strict: bool = False) -> CpuKernels | None:

@@ -107,57 +107,104 @@ static inline __m512 ld_f32_m(const float* p, __mmask16 m) { return _mm512_maskz
 #define SHRINK_ROWS4(T, LDV, LDVM)
 #endif
 
-/* Work item: one segment x one row of A (one rank index r of one slice). */
-#define SHRINK_FN(SUF, T, LOAD, LDV, LDVM)                                                       \
+/* Work item: one segment x one row of A (one rank index r over all slices). */
+#define SHRINK_ITEM(SUF, T, LOAD, LDV, LDVM)                                                     \
+    static inline void shrink_item_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA,       \
+                                         int64_t lda, int64_t K, const int64_t* rows,            \
+                                         const int64_t* seg, int64_t s, int64_t r, float scale,  \
+                                         float* out, int64_t ldo, int round_out) {               \
+        const T* a = A + seg[3 * s] * sA + r * lda;                                              \
+        int64_t i = seg[3 * s + 1], end = seg[3 * s + 2];                                        \
+        SHRINK_ROWS4(T, LDV, LDVM)                                                               \
+        SHRINK_ROWS(T, LOAD)                                                                     \
+    }
+
+SHRINK_ITEM(bf16, uint16_t, bf2f, ld_bf16, ld_bf16_m)
+SHRINK_ITEM(f32, float, f32id, ld_f32, ld_f32_m)
+
+/* ---------------------------------------------------------------- expand */
+
+/* Work item: one segment x TILE columns (tile t). Each row's accumulators stay in L1 while the r
+ * loop streams the segment's B rows through them; the B tile (R x TILE) is shared by the
+ * segment's rows from cache. Plain loops that the compiler vectorizes (measured faster here than
+ * a register-blocked AVX-512 version of the same). */
+#define EXPAND_ITEM(SUF, T, LOAD, STORE)                                                         \
+    static inline void expand_item_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb,       \
+                                         const T* B, int64_t sB, int64_t ldB, int64_t R,         \
+                                         int64_t N, const int64_t* rows, const int64_t* seg,     \
+                                         int64_t s, int64_t t) {                                 \
+        int64_t n0 = t * TILE, nn = N - n0 < TILE ? N - n0 : TILE;                               \
+        const T* b = B + seg[3 * s] * sB + n0;                                                   \
+        for (int64_t i = seg[3 * s + 1]; i < seg[3 * s + 2]; ++i) {                              \
+            float acc[TILE];                                                                     \
+            T* yr = y + rows[i] * ldy + n0;                                                      \
+            const float* c = buf + rows[i] * ldb;                                                \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < nn; ++j) acc[j] = LOAD(yr[j]);                               \
+            for (int64_t r = 0; r < R; ++r) {                                                    \
+                const float cr = c[r];                                                           \
+                const T* br = b + r * ldB;                                                       \
+                _Pragma("omp simd")                                                              \
+                for (int64_t j = 0; j < nn; ++j) acc[j] += cr * LOAD(br[j]);                     \
+            }                                                                                    \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < nn; ++j) yr[j] = STORE(acc[j]);                              \
+        }                                                                                        \
+    }
+
+EXPAND_ITEM(bf16, uint16_t, bf2f, f2bf)
+EXPAND_ITEM(f32, float, f32id, f32id)
+
+/* ---------------------------------------------------------------- entry points */
+
+#define ENTRY_POINTS(SUF, T)                                                                     \
     void lora_shrink_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA, int64_t lda,         \
                            int64_t R, int64_t K, const int64_t* rows, const int64_t* seg,        \
                            int64_t nseg, float scale, float* out, int64_t ldo, int round_out) {  \
         _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
         for (int64_t s = 0; s < nseg; ++s)                                                       \
-            for (int64_t r = 0; r < R; ++r) {                                                    \
-                const T* a = A + seg[3 * s] * sA + r * lda;                                      \
-                int64_t i = seg[3 * s + 1], end = seg[3 * s + 2];                                \
-                SHRINK_ROWS4(T, LDV, LDVM)                                                       \
-                SHRINK_ROWS(T, LOAD)                                                             \
-            }                                                                                    \
-    }
-
-SHRINK_FN(bf16, uint16_t, bf2f, ld_bf16, ld_bf16_m)
-SHRINK_FN(f32, float, f32id, ld_f32, ld_f32_m)
-
-/* ---------------------------------------------------------------- expand */
-
-/* Work item: one segment x TILE columns. Each row's accumulators stay in L1 while the r loop
- * streams the segment's B rows through them; the B tile (R x TILE) is shared by the segment's
- * rows from cache. Plain loops that the compiler vectorizes (measured faster here than a
- * register-blocked AVX-512 version of the same). */
-#define EXPAND_FN(SUF, T, LOAD, STORE)                                                           \
+            for (int64_t r = 0; r < R; ++r)                                                      \
+                shrink_item_##SUF(x, ldx, A, sA, lda, K, rows, seg, s, r, scale, out, ldo,       \
+                                  round_out);                                                    \
+    }                                                                                            \
     void lora_expand_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb, const T* B,         \
                            int64_t sB, int64_t ldB, int64_t R, int64_t N, const int64_t* rows,   \
                            const int64_t* seg, int64_t nseg) {                                   \
         int64_t ntile = (N + TILE - 1) / TILE;                                                   \
         _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
         for (int64_t t = 0; t < ntile; ++t)                                                      \
-            for (int64_t s = 0; s < nseg; ++s) {                                                 \
-                int64_t n0 = t * TILE, nn = N - n0 < TILE ? N - n0 : TILE;                       \
-                const T* b = B + seg[3 * s] * sB + n0;                                           \
-                for (int64_t i = seg[3 * s + 1]; i < seg[3 * s + 2]; ++i) {                      \
-                    float acc[TILE];                                                             \
-                    T* yr = y + rows[i] * ldy + n0;                                              \
-                    const float* c = buf + rows[i] * ldb;                                        \
-                    _Pragma("omp simd")                                                          \
-                    for (int64_t j = 0; j < nn; ++j) acc[j] = LOAD(yr[j]);                       \
-                    for (int64_t r = 0; r < R; ++r) {                                            \
-                        const float cr = c[r];                                                   \
-                        const T* br = b + r * ldB;                                               \
-                        _Pragma("omp simd")                                                      \
-                        for (int64_t j = 0; j < nn; ++j) acc[j] += cr * LOAD(br[j]);             \
-                    }                                                                            \
-                    _Pragma("omp simd")                                                          \
-                    for (int64_t j = 0; j < nn; ++j) yr[j] = STORE(acc[j]);                      \
-                }                                                                                \
+            for (int64_t s = 0; s < nseg; ++s)                                                   \
+                expand_item_##SUF(y, ldy, buf, ldb, B, sB, ldB, R, N, rows, seg, s, t);          \
+    }                                                                                            \
+    /* A whole LoRA layer in one call and one parallel region: the shrink of all slices into    \
+     * buf (rank columns per slice), then each slice's expand into y's columns off[i] ..         \
+     * off[i] + n_out[i] from B_i = b_ptr[i] (strides sB[i], ldB[i]). Slices write disjoint      \
+     * columns, so their expands run without a barrier between them. */                          \
+    void lora_linear_##SUF(T* y, int64_t ldy, const T* x, int64_t ldx, const T* A, int64_t sA,   \
+                           int64_t lda, int64_t K, int64_t rank, int64_t nslice,                 \
+                           const int64_t* b_ptr, const int64_t* sB, const int64_t* ldB,          \
+                           const int64_t* n_out, const int64_t* off, const int64_t* rows,        \
+                           const int64_t* seg, int64_t nseg, float scale, float* buf,            \
+                           int64_t ldb, int round_out) {                                         \
+        int64_t R = rank * nslice;                                                               \
+        _Pragma("omp parallel")                                                                  \
+        {                                                                                        \
+            _Pragma("omp for collapse(2) schedule(static)")                                      \
+            for (int64_t s = 0; s < nseg; ++s)                                                   \
+                for (int64_t r = 0; r < R; ++r)                                                  \
+                    shrink_item_##SUF(x, ldx, A, sA, lda, K, rows, seg, s, r, scale, buf, ldb,   \
+                                      round_out);                                                \
+            for (int64_t i = 0; i < nslice; ++i) {                                               \
+                int64_t ntile = (n_out[i] + TILE - 1) / TILE;                                    \
+                _Pragma("omp for collapse(2) schedule(static) nowait")                           \
+                for (int64_t t = 0; t < ntile; ++t)                                              \
+                    for (int64_t s = 0; s < nseg; ++s)                                           \
+                        expand_item_##SUF(y + off[i], ldy, buf + i * rank, ldb,                  \
+                                          (const T*)(intptr_t)b_ptr[i], sB[i], ldB[i], rank,     \
+                                          n_out[i], rows, seg, s, t);                            \
             }                                                                                    \
+        }                                                                                        \
     }
 
-EXPAND_FN(bf16, uint16_t, bf2f, f2bf)
-EXPAND_FN(f32, float, f32id, f32id)
+ENTRY_POINTS(bf16, uint16_t)
+ENTRY_POINTS(f32, float)

@@ -171,7 +171,8 @@ class FusedLora:
     slot_views: dict = field(default_factory=dict)
     layout: tuple | None = None  # adapter id in each slot when built (vLLM's lora_index_to_id)
     a_copied: bool = True  # a_t is a copy (else a view of the one source)
-    buffers: dict = field(default_factory=dict)  # mixed-batch output buffers, reused per shape
+    # mixed-batch output buffers, reused per shape; the C kernels' argument table per slices
+    buffers: dict = field(default_factory=dict)
 
     @property
     def slices(self) -> tuple[int, ...]:
@@ -347,10 +348,10 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
 
 def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
                         output_slices: tuple[int, ...], groups: TokenGroups) -> bool:
-    """Mixed batch through the C kernels (cpu_kernels.py): one shrink over all slices into a
-    float32 buffer, one expand per slice straight into y's columns. False (caller falls back to
-    torch ops) where they are not loaded or the layout is not theirs. For bf16 the shrink output
-    is rounded to bf16, as the stock ops round theirs before the expand."""
+    """Mixed batch through the C kernels (cpu_kernels.py), one call per layer: the shrink of all
+    slices into a float32 buffer, then each slice's expand straight into y's columns. False
+    (caller falls back to torch ops) where they are not loaded or the layout is not theirs. For
+    bf16 the shrink output is rounded to bf16, as the stock ops round theirs before the expand."""
     import torch
 
     from services.rollout import cpu_kernels
@@ -361,15 +362,14 @@ def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: f
     a = w.a_t.transpose(1, 2)  # (slots, n_slices * rank, in): vLLM's own layout, unit stride in `in`
     if y.stride(1) != 1 or x.stride(1) != 1 or a.stride(2) != 1 or groups.segments[-1][0] >= a.size(0):
         return False
-    r, rt = w.rank, a.size(1)
-    buf = torch.empty(x.size(0), rt, dtype=torch.float32, device=x.device)
-    rows, seg = groups.order, groups.seg_table
-    k.shrink(x, a, rows, seg, scale, buf, round_out=y.dtype != torch.float32, check=False)
-    off = 0
-    for i, (size, b) in enumerate(zip(output_slices, dense_b(w), strict=True)):
-        k.expand(y[:, off: off + size], buf[:, i * r: (i + 1) * r], b[:, :, :size], rows, seg,
-                 check=False)
-        off += size
+    args = w.buffers.get(("kernel", output_slices))
+    if args is None:  # per layer and output slices, once: B pointers, strides, columns
+        if len(output_slices) != len(w.b_t) or sum(output_slices) > y.size(1):
+            return False
+        args = w.buffers[("kernel", output_slices)] = k.slice_args(dense_b(w), output_slices)
+    buf = torch.empty(x.size(0), a.size(1), dtype=torch.float32, device=x.device)
+    k.linear(y, x, a, args, groups.order, groups.seg_table, scale, buf,
+             round_out=y.dtype != torch.float32, check=False)
     return True
 
 

@@ -79,6 +79,34 @@ def test_shrink_and_expand_match_float64(k, dtype, mapping, k_in, rank, n_out):
     assert not torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+def test_one_call_per_layer_equals_shrink_then_expand_per_slice(k, dtype, mapping):
+    slots, rank, k_in, n_out = 4, 8, 72, (300, 40, 40)  # qkv-like: three slices, one wide
+    idx = MAPPINGS[mapping]
+    rows, seg = segments(idx)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(len(idx), k_in, generator=g).to(dtype)
+    a = (torch.randn(slots, rank * len(n_out), k_in, generator=g) / k_in**0.5).to(dtype)
+    bs = tuple((torch.randn(slots, rank, n + 5, generator=g) / rank**0.5).to(dtype) for n in n_out)
+    wide = torch.randn(len(idx), sum(n_out) + 4, generator=g).to(dtype)  # y wider than the slices
+    want = wide.clone()
+    buf = torch.empty(len(idx), rank * len(n_out))
+    k.shrink(x, a, rows, seg, 2.0, buf, dtype == torch.bfloat16)
+    off = 0
+    for i, (b, n) in enumerate(zip(bs, n_out, strict=True)):
+        k.expand(want[:, off: off + n], buf[:, i * rank: (i + 1) * rank], b[:, :, :n], rows, seg)
+        off += n
+    got = wide.clone()
+    k.linear(got, x, a, k.slice_args(bs, n_out), rows, seg, 2.0, torch.empty_like(buf),
+             dtype == torch.bfloat16)
+    assert torch.equal(got, want)  # the same items in the same order: bit for bit
+    assert torch.equal(got[:, sum(n_out):], wide[:, sum(n_out):])
+    assert not torch.equal(got, wide) or all(s < 0 for s in idx)
+    with pytest.raises(ValueError, match="linear"):  # slices wider than y
+        k.linear(got[:, :100], x, a, k.slice_args(bs, n_out), rows, seg, 2.0, buf, False)
+
+
 def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(k):
     # One row, rank 1, K 1: buf = x * a exactly; y += buf * 1. y0 = 1, so the sum's rounding to
     # bf16 is torch's (round to nearest even) on values that sit exactly between two bf16s.

@@ -72,13 +72,13 @@ def mixed_path(request, monkeypatch):
         monkeypatch.setattr(cpu_kernels, "_loaded", None)
     else:
         k = cpu_kernels.load(strict=True)
-        real = k.shrink
+        real = k.linear
 
-        def shrink(*args, **kwargs):
-            calls.append("shrink")
+        def linear(*args, **kwargs):
+            calls.append("kernel")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(k, "shrink", shrink)
+        monkeypatch.setattr(k, "linear", linear)
     calls.append(request.param)
     yield calls
 
@@ -87,7 +87,7 @@ def kernel_ran(calls: list[str], idx: torch.Tensor) -> bool:
     """The C kernels ran exactly when they should: on the C path, for batches mixing adapters."""
     groups = lora_ops.group_tokens(idx)
     mixed = groups.any_lora and groups.single < 0
-    return ("shrink" in calls) == (mixed and calls[0] == "c kernels")
+    return ("kernel" in calls) == (mixed and calls[0] == "c kernels")
 
 
 @pytest.mark.parametrize("in_size,slices", LAYERS)
