@@ -172,42 +172,68 @@ class BrokerClient:
             pb.ListAdaptersRequest(), timeout=self.timeout_s, metadata=self._metadata))
         return list(r.adapters)
 
-    def fetch(self, selector: str | AdapterSelector,
-              progress: Callable[[int, int], None] | None = None) -> tuple[AdapterVersion, bytes]:
-        """Fetch a version's record and safetensors bytes, verified against its sha256."""
+    def _fetch_stream(self, selector: str | AdapterSelector, sink: Callable[[bytes], object],
+                      restart: Callable[[], object],
+                      progress: Callable[[int, int], None] | None) -> AdapterVersion:
+        """Stream a version's bytes into `sink` (after `restart()`, once per attempt), hashing them
+        as they arrive; DATA_LOSS if they end short or do not hash to the record's sha256."""
 
-        def once() -> tuple[AdapterVersion, bytes, str]:
+        def once() -> tuple[AdapterVersion, str]:
+            restart()
             stream = self.stub.Fetch(pb.FetchRequest(ref=_ref(selector)), metadata=self._metadata,
                                      timeout=self.timeout_s + 300)
             record: AdapterVersion | None = None
-            digest, parts, size = hashlib.sha256(), [], 0
+            digest, size = hashlib.sha256(), 0
             for msg in stream:
                 if msg.WhichOneof("part") == "record":
                     record = AdapterVersion.from_pb(msg.record)
                 else:
-                    parts.append(msg.chunk)
+                    sink(msg.chunk)
                     digest.update(msg.chunk)  # hash as it arrives: one pass over the bytes
                     size += len(msg.chunk)
                     if progress and record:
                         progress(len(msg.chunk), record.size_bytes)
             if record is None or size != record.size_bytes:
                 raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{selector}: fetch ended after {size} bytes")
-            return record, b"".join(parts), digest.hexdigest()
+            return record, digest.hexdigest()
 
-        record, data, digest = self._call(once)
+        record, digest = self._call(once)
         if digest != record.sha256:
             raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{record.ref}: sha256 {digest} != record {record.sha256}")
-        return record, data
+        return record
+
+    def fetch(self, selector: str | AdapterSelector,
+              progress: Callable[[int, int], None] | None = None) -> tuple[AdapterVersion, bytes]:
+        """Fetch a version's record and safetensors bytes, verified against its sha256."""
+        parts: list[bytes] = []
+        record = self._fetch_stream(selector, parts.append, parts.clear, progress)
+        return record, b"".join(parts)
+
+    def fetch_to_file(self, selector: str | AdapterSelector, path: str | Path,
+                      progress: Callable[[int, int], None] | None = None) -> AdapterVersion:
+        """Fetch a version's safetensors bytes straight into `path` (written as they arrive, never
+        held whole in memory), verified against its sha256; on any failure `path` is removed."""
+        with open(path, "wb") as f:
+
+            def restart() -> None:
+                f.seek(0)
+                f.truncate()
+
+            try:
+                return self._fetch_stream(selector, f.write, restart, progress)
+            except BaseException:
+                f.close()
+                Path(path).unlink(missing_ok=True)
+                raise
 
     def pull(self, selector: str | AdapterSelector, out_dir: str | Path,
              progress: Callable[[int, int], None] | None = None) -> AdapterVersion:
         """Write a version as a standard PEFT directory (atomically: all or nothing)."""
-        record, data = self.fetch(selector, progress)
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            (tmp / WEIGHTS_NAME).write_bytes(data)
+            record = self.fetch_to_file(selector, tmp / WEIGHTS_NAME, progress)
             (tmp / CONFIG_NAME).write_text(record.adapter_config_json)
             (tmp / "loraloop_record.json").write_text(record.to_json())
             if out.exists():

@@ -63,6 +63,11 @@ class AdapterSource(Protocol):
     # (BrokerClient hashes as the bytes arrive), so they are not hashed a second time.
     verifies_sha256: bool
 
+    # Optional (BrokerClient has it; the manager uses it when present and verifies_sha256):
+    # def fetch_to_file(self, selector: str, path: Path) -> AdapterVersion
+    # writes the verified bytes to `path` as they arrive, so the local cache write overlaps the
+    # transfer instead of following it.
+
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -80,17 +85,22 @@ class BaseModel:
         return cls(model_fingerprint(model_dir), frozenset(names), max_lora_rank)
 
 
-def check_adapter(record: AdapterVersion, data: bytes, base: BaseModel, sha256_verified: bool = False) -> None:
+def check_adapter(record: AdapterVersion, data: bytes, base: BaseModel, sha256_verified: bool = False,
+                  size: int | None = None) -> None:
     """Raise AdapterRefused unless this server can serve `record` with bytes `data`
-    (`sha256_verified`: the source already matched the bytes to record.sha256)."""
+    (`sha256_verified`: the source already matched the bytes to record.sha256). With `size`,
+    `data` is only the head of the bytes (their safetensors header) and `size` their length,
+    which needs sha256_verified: the rest is not here to hash."""
     where = record.ref
+    if size is not None and not sha256_verified:
+        raise ValueError("check_adapter: a head of the bytes can only be checked once they are verified")
     if record.base_model_fingerprint != base.fingerprint:
         raise AdapterRefused(f"{where} was trained on base {record.base_model_fingerprint[:23]}…, "
                              f"this server serves {base.fingerprint[:23]}…")
     if record.rank > base.max_lora_rank:
         raise AdapterRefused(f"{where} has rank {record.rank} > max_lora_rank {base.max_lora_rank}")
     digest = record.sha256 if sha256_verified else hashlib.sha256(data).hexdigest()
-    if digest != record.sha256 or len(data) != record.size_bytes:
+    if digest != record.sha256 or (len(data) if size is None else size) != record.size_bytes:
         raise AdapterRefused(f"{where}: bytes are corrupt (sha256 {digest[:12]}…, record {record.sha256[:12]}…)")
     try:
         header = parse_safetensors_header(data)
@@ -138,8 +148,14 @@ class AdapterManager:
 
     # ------------------------------------------------------------ loading
 
-    async def _fetch(self, selector: str) -> tuple[AdapterVersion, bytes]:
+    def _streams_to_file(self) -> bool:
+        return callable(getattr(self.source, "fetch_to_file", None)) and getattr(self.source, "verifies_sha256", False)
+
+    async def _fetch(self, selector: str, path: Path | None = None) -> tuple[AdapterVersion, bytes | None]:
+        """(record, bytes); with `path`, the bytes are written there instead (fetch_to_file)."""
         try:
+            if path is not None:
+                return await asyncio.to_thread(self.source.fetch_to_file, selector, path), None  # type: ignore[attr-defined]
             return await asyncio.to_thread(self.source.fetch, selector)
         except LoraloopError:
             raise
@@ -173,10 +189,15 @@ class AdapterManager:
             return await asyncio.shield(self._loading[key])
         fut: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
+        tmp: Path | None = None
         try:
             if data is None:
-                record, data = await self._fetch(f"{key[0]}@v{key[1]}")
-            lv = await self._load_bytes(record, data, fetch_s=time.perf_counter() - t0)
+                if self._streams_to_file():  # straight into the cache: the write overlaps the transfer
+                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+                    record, data = await self._fetch(f"{key[0]}@v{key[1]}", tmp / WEIGHTS_NAME)
+                else:
+                    record, data = await self._fetch(f"{key[0]}@v{key[1]}")
+            lv = await self._load_bytes(record, data, fetch_s=time.perf_counter() - t0, fetched_to=tmp)
             fut.set_result(lv)
             return lv
         except BaseException as e:
@@ -185,14 +206,19 @@ class AdapterManager:
             raise
         finally:
             del self._loading[key]
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # moved into the cache unless it failed
 
-    async def _load_bytes(self, record: AdapterVersion, data: bytes, fetch_s: float) -> LoadedVersion:
+    async def _load_bytes(self, record: AdapterVersion, data: bytes | None, fetch_s: float,
+                          fetched_to: Path | None = None) -> LoadedVersion:
+        """Check, cache and load a version whose bytes are `data`, or (data None) already in
+        `fetched_to`/adapter_model.safetensors, verified by the source."""
         key = (record.name, record.version)
         t0 = time.perf_counter()
         try:
             # In a thread: checking and writing tens of MB must not stall the requests being
             # streamed from this event loop meanwhile.
-            path = await asyncio.to_thread(self._check_and_cache, record, data)
+            path = await asyncio.to_thread(self._check_and_cache, record, data, fetched_to)
         except AdapterRefused as e:
             self.refused[key] = str(e)
             log.error("refused adapter: %s", e)
@@ -216,11 +242,21 @@ class AdapterManager:
                  (t2 - t1) * 1e3)
         return lv
 
-    def _check_and_cache(self, record: AdapterVersion, data: bytes) -> Path:
-        check_adapter(record, data, self.base, getattr(self.source, "verifies_sha256", False))
+    def _check_and_cache(self, record: AdapterVersion, data: bytes | None, fetched_to: Path | None = None) -> Path:
+        if data is None:  # fetched straight into fetched_to, hashed on the way: check its header
+            if fetched_to is None:
+                raise ValueError("_check_and_cache needs the bytes or the directory they were fetched to")
+            weights = fetched_to / WEIGHTS_NAME
+            with open(weights, "rb") as f:
+                head = f.read(8)
+                head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+            check_adapter(record, head, self.base, sha256_verified=True, size=weights.stat().st_size)
+            tmp = fetched_to
+        else:
+            check_adapter(record, data, self.base, getattr(self.source, "verifies_sha256", False))
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+            (tmp / WEIGHTS_NAME).write_bytes(data)
         path = self.cache_dir / record.name / f"v{record.version}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
-        (tmp / WEIGHTS_NAME).write_bytes(data)
         (tmp / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)

@@ -180,3 +180,21 @@ def test_fetch_unknown_version_is_not_found(broker):
         with pytest.raises(BrokerError) as err:
             c.get("nothing@v3")
         assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_fetch_to_file_writes_the_verified_bytes_and_removes_bad_ones(broker, redis_proc, tmp_path):
+    with BrokerClient(broker.target, TOKENS["learner"]) as c:
+        epoch, _ = c.acquire_publisher("tofile")
+        rec, _ = c.publish_bytes("tofile", epoch, *make_adapter(seed=11), FP)
+        out = tmp_path / "w.safetensors"
+        got = c.fetch_to_file("tofile@v1", out)
+        assert got == rec and out.read_bytes() == c.fetch("tofile@v1")[1]
+        r = redis_proc.client()
+        blob = r.get(f"ll:blob:{rec.sha256}")
+        r.setrange(f"ll:blob:{rec.sha256}", len(blob) - 4, b"\x00\x01\x02\x03")  # bytes flipped at rest
+        with pytest.raises(BrokerError) as err:
+            c.fetch_to_file("tofile@v1", out)
+        assert err.value.code == grpc.StatusCode.DATA_LOSS and not out.exists()
+        with pytest.raises(BrokerError) as err:
+            c.fetch_to_file("tofile@v7", out)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and not out.exists()

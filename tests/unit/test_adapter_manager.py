@@ -61,11 +61,41 @@ class FakeBroker:
         return self.versions[(name, v)]
 
 
+class FakeFileBroker(FakeBroker):
+    """Writes the bytes into the manager's file as they come, as BrokerClient.fetch_to_file
+    does (which verifies them against the record on the way)."""
+
+    verifies_sha256 = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_file = 0
+
+    def fetch_to_file(self, selector: str, path):
+        rec, data = self.fetch(selector)
+        self.to_file += 1
+        path.write_bytes(data)
+        return rec
+
+
+BROKERS = {"bytes": FakeBroker, "to file": FakeFileBroker}
+
+
+@pytest.fixture(params=list(BROKERS))
+def make_broker(request):
+    return BROKERS[request.param]
+
+
 @pytest.fixture
-def setup(tmp_path):
-    engine, broker = FakeEngine(), FakeBroker()
+def setup(tmp_path, make_broker):
+    engine, broker = FakeEngine(), make_broker()
     manager = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
     return engine, broker, manager
+
+
+def leftovers(cache) -> list:
+    """Temporary directories the manager left in its cache."""
+    return list(cache.glob(".tmp-*"))
 
 
 def run(coro):
@@ -122,8 +152,8 @@ def test_refused_version_keeps_serving_the_old_one(setup):
     run(scenario())
 
 
-def test_engine_refusal_is_recorded(tmp_path):
-    broker = FakeBroker()
+def test_engine_refusal_is_recorded(tmp_path, make_broker):
+    broker = make_broker()
     m = AdapterManager(FakeEngine(fail={"p@v1"}), broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
     rec = broker.publish("p", 1)
 
@@ -131,19 +161,20 @@ def test_engine_refusal_is_recorded(tmp_path):
         with pytest.raises(AdapterRefused, match="engine refused"):
             await m.load(rec)
         assert ("p", 1) in m.refused and ("p", 1) not in m.loaded
-        assert not list(tmp_path.glob("p/v1"))  # nothing left in the cache
+        assert not list(tmp_path.glob("p/v1")) and not leftovers(tmp_path)  # nothing left in the cache
 
     run(scenario())
 
 
-def test_missing_modules_refused(tmp_path):
-    broker = FakeBroker()
+def test_missing_modules_refused(tmp_path, make_broker):
+    broker = make_broker()
     m = AdapterManager(FakeEngine(), broker, BaseModel(FP, frozenset({"model.layers.0.self_attn.q_proj.weight"}), 16),
                        tmp_path)
 
     async def scenario():
         with pytest.raises(AdapterRefused, match="lacks"):
             await m.load(broker.publish("p", 1))
+        assert not leftovers(tmp_path)
 
     run(scenario())
 
@@ -220,3 +251,37 @@ def test_bytes_are_hashed_unless_the_source_verified_them(tmp_path, monkeypatch,
             assert hashed and ("p", 1) in m.refused
 
     run(scenario())
+
+
+def test_a_source_that_streams_to_a_file_fills_the_cache_directly(tmp_path):
+    broker = FakeFileBroker()
+    m = AdapterManager(FakeEngine(), broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    rec = broker.publish("p", 1)
+    bad = broker.publish("p", 2, fingerprint="sha256:other")
+
+    async def scenario():
+        lv = await m.load(rec)
+        assert (tmp_path / "p" / "v1" / "adapter_model.safetensors").read_bytes() == broker.versions[("p", 1)][1]
+        assert json.loads((tmp_path / "p" / "v1" / "adapter_config.json").read_text())["r"] == 4
+        assert lv.handle.path == str(tmp_path / "p" / "v1")
+        with pytest.raises(AdapterRefused, match="trained on base"):
+            await m.load(bad)
+        assert broker.to_file == 2 and broker.fetches == 2 and not leftovers(tmp_path)
+        assert not (tmp_path / "p" / "v2").exists()
+
+    run(scenario())
+
+
+def test_a_head_of_the_bytes_is_only_checked_once_verified():
+    cfg, data = make_adapter(seed=1, rank=4)
+    rec = AdapterVersion("p", 1, hashlib.sha256(data).hexdigest(), len(data), FP, 4, 8.0, ("q_proj", "v_proj"),
+                         adapter_config_json=json.dumps(cfg))
+    from services.rollout.adapters import check_adapter
+
+    base = BaseModel(FP, WEIGHTS, 16)
+    head = data[: 8 + int.from_bytes(data[:8], "little")]
+    check_adapter(rec, head, base, sha256_verified=True, size=len(data))
+    with pytest.raises(AdapterRefused, match="corrupt"):
+        check_adapter(rec, head, base, sha256_verified=True, size=len(data) - 1)
+    with pytest.raises(ValueError, match="verified"):
+        check_adapter(rec, head, base, size=len(data))
