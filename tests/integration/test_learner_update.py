@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -111,12 +112,20 @@ def test_ppo_critic_checkpoint_resumes_the_same_next_update(tiny_model, tmp_path
 
 def _run(model, out, nproc: int, micro: int = 64, advantage: str = "grpo") -> tuple[dict, dict, dict, dict]:
     args = [str(model), str(out), str(micro), advantage]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "tests.support.fsdp_step", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "tests.support.fsdp_step", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    def cmd() -> list[str]:
+        if nproc == 1:
+            return [sys.executable, "-m", "tests.support.fsdp_step", *args]
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}", "-m", "tests.support.fsdp_step", *args]
+
+    r = subprocess.run(cmd(), capture_output=True, text=True, timeout=300)
+    if nproc > 1 and r.returncode != 0 and "terminate called without an active exception" in r.stderr:
+        # Seen once in CI (2 cores, loaded): one torchrun rank aborted by a C++ thread of gloo right
+        # after loading the model, before any collective of ours and with no Python traceback.
+        # The step is deterministic, so one more run checks the same thing; a second abort fails.
+        warnings.warn(f"torchrun rank aborted (gloo), running once more: {r.stderr[-500:]}", stacklevel=1)
+        r = subprocess.run(cmd(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return (json.loads((out / "metrics.json").read_text()), load_file(str(out / "adapter.safetensors")),
             load_file(str(out / "initial.safetensors")), load_file(str(out / "grads.safetensors")))
