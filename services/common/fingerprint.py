@@ -18,11 +18,16 @@ from services.common.peft_format import parse_safetensors_header
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
-def read_safetensors_header(path: Path):
+def read_safetensors_prefix(path: Path) -> bytes:
+    """The first bytes of a safetensors file: its 8-byte length and the JSON header it announces
+    (fewer where the file is truncated), without reading the tensors."""
     with open(path, "rb") as f:
         head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        header = parse_safetensors_header(head + f.read(n))
+        return head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+
+
+def read_safetensors_header(path: Path):
+    header = parse_safetensors_header(read_safetensors_prefix(path))
     if header is None:
         raise InvalidArgument(f"{path} is truncated")
     return header

@@ -28,7 +28,11 @@ from pathlib import Path
 from typing import Protocol
 
 from services.common.errors import FailedPrecondition, InvalidArgument, LoraloopError, NotFound
-from services.common.fingerprint import model_fingerprint, read_safetensors_header
+from services.common.fingerprint import (
+    model_fingerprint,
+    read_safetensors_header,
+    read_safetensors_prefix,
+)
 from services.common.names import AdapterSelector, parse_selector
 from services.common.peft_format import (
     CONFIG_NAME,
@@ -247,10 +251,8 @@ class AdapterManager:
             if fetched_to is None:
                 raise ValueError("_check_and_cache needs the bytes or the directory they were fetched to")
             weights = fetched_to / WEIGHTS_NAME
-            with open(weights, "rb") as f:
-                head = f.read(8)
-                head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-            check_adapter(record, head, self.base, sha256_verified=True, size=weights.stat().st_size)
+            check_adapter(record, read_safetensors_prefix(weights), self.base, sha256_verified=True,
+                          size=weights.stat().st_size)
             tmp = fetched_to
         else:
             check_adapter(record, data, self.base, getattr(self.source, "verifies_sha256", False))

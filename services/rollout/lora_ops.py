@@ -38,8 +38,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from services.rollout import cpu_kernels
 
 if TYPE_CHECKING:
     import torch
@@ -112,10 +114,7 @@ def group_tokens(indices: torch.Tensor, previous: TokenGroups | None = None) -> 
     slots = indices.tolist()
     if previous is not None and previous.slots == slots and previous.device == indices.device:
         return previous
-    groups = _group_slots(slots, indices.device)
-    object.__setattr__(groups, "slots", slots)
-    object.__setattr__(groups, "device", indices.device)
-    return groups
+    return replace(_group_slots(slots, indices.device), slots=slots, device=indices.device)
 
 
 def _group_slots(slots: list[int], device) -> TokenGroups:
@@ -354,8 +353,6 @@ def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: f
     bf16 the shrink output is rounded to bf16, as the stock ops round theirs before the expand."""
     import torch
 
-    from services.rollout import cpu_kernels
-
     k = cpu_kernels.loaded()
     if k is None or not k.supports(y.dtype) or x.dtype != y.dtype or w.a_t.dtype != y.dtype:
         return False
@@ -455,8 +452,6 @@ def _announce() -> None:
     global _announced
     if not _announced:
         _announced = True
-        from services.rollout import cpu_kernels
-
         k = cpu_kernels.loaded()
         log.info("fast CPU LoRA ops in use in pid %d; mixed-adapter batches: %s", os.getpid(),
                  f"C kernels ({k.isa}, {k.path.name})" if k else "torch ops (C kernels not loaded)")
@@ -516,8 +511,6 @@ def install_fast_cpu_lora_ops(strict: bool = False) -> bool:
             raise LoraOpsMismatch(msg)
         log.error(msg)
         return False
-    from services.rollout import cpu_kernels
-
     cpu_kernels.load()  # compiled on first use, cached; None (torch ops for mixed batches) if it cannot be
     for name, fn in _REPLACEMENTS.items():
         _stock[name] = getattr(PunicaWrapperCPU, name)
