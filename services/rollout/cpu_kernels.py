@@ -130,6 +130,11 @@ class CpuKernels:
             fn.restype = None
         self.lib.lora_cpu_isa.restype = ctypes.c_int
         self.isa = "avx512" if self.lib.lora_cpu_isa() == 1 else "portable"
+        self.lib.lora_cpu_has_dpbf16.restype = ctypes.c_int
+        # bf16 layers use vdpbf16ps items (register-blocked, prefetching): see lora_cpu.c
+        self.dpbf16 = self.lib.lora_cpu_has_dpbf16() == 1
+        if self.dpbf16:
+            self.isa += "+bf16"
         self._suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
     def supports(self, dtype: torch.dtype) -> bool:

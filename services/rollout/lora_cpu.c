@@ -155,10 +155,194 @@ SHRINK_ITEM(f32, float, f32id, ld_f32, ld_f32_m)
 EXPAND_ITEM(bf16, uint16_t, bf2f, f2bf)
 EXPAND_ITEM(f32, float, f32id, f32id)
 
+/* ---------------------------------------------------------------- bf16 dot products */
+/* With AVX512_BF16 (vdpbf16ps: 32 bf16 products per instruction, accumulated in float32), bf16
+ * layers use register-blocked items: 4 rows x 4 ranks per shrink block, 4 rows x 64 columns per
+ * expand block, 16 accumulators in registers. The expand needs the rank in bf16 pairs: the shrink
+ * output is already rounded to bf16 (round_out, as the stock ops round theirs), so the pairs are
+ * exact, and B's tile is interleaved into (r, r+1) pairs once per work item. Results differ from
+ * the portable items only in the order of the float32 sums. */
+#if defined(LL_AVX512) && defined(__AVX512BF16__)
+#define LL_DPBF16 1
+#define DP_COLS 64 /* expand: columns per work item (4 zmm of float32 per row) */
+#ifndef PF_TILES
+#define PF_TILES 2 /* expand: prefetch distance in tiles */
+#endif
+
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+/* 16 floats to bf16 as f2bf does (nearest even; NaN stays NaN), unlike vcvtneps2bf16, which
+ * flushes denormals. */
+static inline __m256i f2bf_v(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+static inline __mmask32 mask32(int64_t n) { /* the first n (<= 32) lanes */
+    return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (n > 0 ? n : 0)) - 1u);
+}
+static inline __mmask16 mask16(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n > 0 ? n : 0)) - 1u);
+}
+
+/* Shrink item: one segment (rows[i0..i1)) x ranks r0 .. r0+3 of A (the slot's (R, K) rows). Row
+ * and rank blocks shorter than 4 repeat their last member; only real ones are written. */
+static void shrink_dp(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t lda, int64_t R,
+                      int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
+                      float scale, float* out, int64_t ldo) {
+    int64_t nr = R - r0 < 4 ? R - r0 : 4;
+    const uint16_t* a[4];
+    for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
+    for (int64_t i = i0; i < i1; i += 4) {
+        int64_t ni = i1 - i < 4 ? i1 - i : 4;
+        const uint16_t* xr[4];
+        for (int p = 0; p < 4; ++p) xr[p] = x + rows[i + (p < ni ? p : ni - 1)] * ldx;
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+            __mmask32 m = mask32(K - k);
+            __m512i av[4], xv;
+            if (i == i0 && r0 + 4 < R) /* the next rank block (the item after this one) */
+                for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)
+                    _mm_prefetch((const char*)(a[0] + (4 + q) * lda + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) av[q] = _mm512_maskz_loadu_epi16(m, a[q] + k);
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+                xv = _mm512_maskz_loadu_epi16(m, xr[p] + k);
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_dpbf16_ps(acc[p][q], as_bh(xv), as_bh(av[q]));
+            }
+        }
+        for (int p = 0; p < ni; ++p)
+            for (int q = 0; q < nr; ++q)
+                out[rows[i + p] * ldo + r0 + q] = bf2f(f2bf(_mm512_reduce_add_ps(acc[p][q]) * scale));
+    }
+}
+
+/* Expand item: one segment x DP_COLS columns from n0 of a slice with N columns; B the slot's
+ * (rank, N) rows (stride ldB), buf the rows' rank values (bf16-exact floats). */
+static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, const uint16_t* B,
+                      int64_t ldB, int64_t rank, int64_t N, const int64_t* rows, int64_t i0,
+                      int64_t i1, int64_t n0) {
+    const int64_t np = (rank + 1) / 2, nn = N - n0 < DP_COLS ? N - n0 : DP_COLS;
+    __m512i bp[np][4]; /* B's tile as (r, r+1) pairs: lane j of chunk c = column n0 + 16c + j */
+    __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    /* The weights come from memory (a step streams the whole model through the caches): fetch
+     * this slice's tile PF_TILES ahead, which the thread's next items read. */
+    if (n0 + PF_TILES * DP_COLS < N)
+        for (int64_t r = 0; r < rank; ++r) {
+            const char* f = (const char*)(B + r * ldB + n0 + PF_TILES * DP_COLS);
+            _mm_prefetch(f, _MM_HINT_T0);
+            _mm_prefetch(f + 64, _MM_HINT_T0);
+        }
+    for (int64_t p = 0; p < np; ++p) {
+        const uint16_t* b0 = B + 2 * p * ldB + n0;
+        for (int h = 0; h < 2; ++h) {
+            __mmask32 m = mask32(nn - 32 * h);
+            __m512i lo = _mm512_maskz_loadu_epi16(m, b0 + 32 * h);
+            __m512i hi = 2 * p + 1 < rank ? _mm512_maskz_loadu_epi16(m, b0 + ldB + 32 * h)
+                                          : _mm512_setzero_si512();
+            bp[p][2 * h] = _mm512_permutex2var_epi16(lo, lo_idx, hi);
+            bp[p][2 * h + 1] = _mm512_permutex2var_epi16(lo, hi_idx, hi);
+        }
+    }
+    __mmask16 mc[4];
+    for (int c = 0; c < 4; ++c) mc[c] = mask16(nn - 16 * c);
+    uint32_t pairs[4][np + 8];
+    for (int64_t i = i0; i < i1; i += 4) {
+        int64_t ni = i1 - i < 4 ? i1 - i : 4;
+        uint16_t* yr[4];
+        /* y's rows of the next block, or of this item's first block in the next tile */
+        for (int64_t q = 0; q < 4; ++q) {
+            int64_t j = i + 4 + q < i1 ? i + 4 + q : (n0 + DP_COLS < N ? i0 + q : i1);
+            if (j >= i1) break;
+            const char* f = (const char*)(y + rows[j] * ldy + n0 + (i + 4 + q < i1 ? 0 : DP_COLS));
+            _mm_prefetch(f, _MM_HINT_T0);
+            _mm_prefetch(f + 64, _MM_HINT_T0);
+        }
+        __m512 acc[4][4];
+        for (int q = 0; q < 4; ++q) {
+            int64_t row = rows[i + (q < ni ? q : ni - 1)];
+            yr[q] = y + row * ldy + n0;
+            const float* c = buf + row * ldb;
+            uint16_t* pw = (uint16_t*)pairs[q];
+            for (int64_t r = 0; r < rank; r += 16) { /* the floats' top halves: exact bf16 */
+                __m512i v = _mm512_maskz_loadu_epi32(mask16(rank - r), c + r);
+                _mm256_storeu_si256((__m256i*)(pw + r), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+            }
+            if (rank & 1) pw[rank] = 0;
+#pragma GCC unroll 4
+            for (int cc = 0; cc < 4; ++cc)
+                acc[q][cc] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mc[cc], yr[q] + 16 * cc)), 16));
+        }
+        for (int64_t p = 0; p < np; ++p) {
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) {
+                __m512i cq = _mm512_set1_epi32((int)pairs[q][p]);
+#pragma GCC unroll 4
+                for (int cc = 0; cc < 4; ++cc)
+                    acc[q][cc] = _mm512_dpbf16_ps(acc[q][cc], as_bh(cq), as_bh(bp[p][cc]));
+            }
+        }
+        for (int q = 0; q < ni; ++q)
+            for (int cc = 0; cc < 4; ++cc)
+                if (mc[cc]) _mm256_mask_storeu_epi16(yr[q] + 16 * cc, mc[cc], f2bf_v(acc[q][cc]));
+    }
+}
+
+/* Whether every rank value the expand will read is a bf16 (the pairs are then exact). */
+static int buf_is_bf16(const float* buf, int64_t ldb, int64_t R, const int64_t* rows,
+                       const int64_t* seg, int64_t nseg) {
+    for (int64_t s = 0; s < nseg; ++s)
+        for (int64_t i = seg[3 * s + 1]; i < seg[3 * s + 2]; ++i) {
+            const uint32_t* c = (const uint32_t*)(buf + rows[i] * ldb);
+            for (int64_t r = 0; r < R; ++r)
+                if (c[r] & 0xffffu) return 0;
+        }
+    return 1;
+}
+
+/* The shrink's work items split segments into chunks of up to ROW_CHUNK rows, so a batch with
+ * one adapter still gives every thread work. Chunk c of the batch -> its segment and rows. */
+#define ROW_CHUNK 16
+static inline int64_t count_chunks(const int64_t* seg, int64_t nseg) {
+    int64_t n = 0;
+    for (int64_t s = 0; s < nseg; ++s) n += (seg[3 * s + 2] - seg[3 * s + 1] + ROW_CHUNK - 1) / ROW_CHUNK;
+    return n;
+}
+static inline int64_t find_chunk(const int64_t* seg, int64_t nseg, int64_t c, int64_t* i0, int64_t* i1) {
+    for (int64_t s = 0; s < nseg; ++s) {
+        int64_t len = seg[3 * s + 2] - seg[3 * s + 1], n = (len + ROW_CHUNK - 1) / ROW_CHUNK;
+        if (c < n) {
+            *i0 = seg[3 * s + 1] + c * ROW_CHUNK;
+            *i1 = *i0 + ROW_CHUNK < seg[3 * s + 2] ? *i0 + ROW_CHUNK : seg[3 * s + 2];
+            return s;
+        }
+        c -= n;
+    }
+    return -1;
+}
+
+int lora_cpu_has_dpbf16(void) { return 1; }
+#else
+int lora_cpu_has_dpbf16(void) { return 0; }
+#endif
+
 /* ---------------------------------------------------------------- entry points */
 
 #define ENTRY_POINTS(SUF, T)                                                                     \
-    void lora_shrink_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA, int64_t lda,         \
+    static void shrink_generic_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA, int64_t lda,         \
                            int64_t R, int64_t K, const int64_t* rows, const int64_t* seg,        \
                            int64_t nseg, float scale, float* out, int64_t ldo, int round_out) {  \
         _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
@@ -167,7 +351,7 @@ EXPAND_ITEM(f32, float, f32id, f32id)
                 shrink_item_##SUF(x, ldx, A, sA, lda, K, rows, seg, s, r, scale, out, ldo,       \
                                   round_out);                                                    \
     }                                                                                            \
-    void lora_expand_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb, const T* B,         \
+    static void expand_generic_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb, const T* B,         \
                            int64_t sB, int64_t ldB, int64_t R, int64_t N, const int64_t* rows,   \
                            const int64_t* seg, int64_t nseg) {                                   \
         int64_t ntile = (N + TILE - 1) / TILE;                                                   \
@@ -180,7 +364,7 @@ EXPAND_ITEM(f32, float, f32id, f32id)
      * buf (rank columns per slice), then each slice's expand into y's columns off[i] ..         \
      * off[i] + n_out[i] from B_i = b_ptr[i] (strides sB[i], ldB[i]). Slices write disjoint      \
      * columns, so their expands run without a barrier between them. */                          \
-    void lora_linear_##SUF(T* y, int64_t ldy, const T* x, int64_t ldx, const T* A, int64_t sA,   \
+    static void linear_generic_##SUF(T* y, int64_t ldy, const T* x, int64_t ldx, const T* A, int64_t sA,   \
                            int64_t lda, int64_t K, int64_t rank, int64_t nslice,                 \
                            const int64_t* b_ptr, const int64_t* sB, const int64_t* ldB,          \
                            const int64_t* n_out, const int64_t* off, const int64_t* rows,        \
@@ -208,3 +392,88 @@ EXPAND_ITEM(f32, float, f32id, f32id)
 
 ENTRY_POINTS(bf16, uint16_t)
 ENTRY_POINTS(f32, float)
+
+#define SHRINK_ARGS const T* x, int64_t ldx, const T* A, int64_t sA, int64_t lda, int64_t R,        \
+    int64_t K, const int64_t* rows, const int64_t* seg, int64_t nseg, float scale, float* out,       \
+    int64_t ldo, int round_out
+#define EXPAND_ARGS T* y, int64_t ldy, const float* buf, int64_t ldb, const T* B, int64_t sB,       \
+    int64_t ldB, int64_t R, int64_t N, const int64_t* rows, const int64_t* seg, int64_t nseg
+#define LINEAR_ARGS T* y, int64_t ldy, const T* x, int64_t ldx, const T* A, int64_t sA,             \
+    int64_t lda, int64_t K, int64_t rank, int64_t nslice, const int64_t* b_ptr, const int64_t* sB, \
+    const int64_t* ldB, const int64_t* n_out, const int64_t* off, const int64_t* rows,             \
+    const int64_t* seg, int64_t nseg, float scale, float* buf, int64_t ldb, int round_out
+
+#define T float
+void lora_shrink_f32(SHRINK_ARGS) {
+    shrink_generic_f32(x, ldx, A, sA, lda, R, K, rows, seg, nseg, scale, out, ldo, round_out);
+}
+void lora_expand_f32(EXPAND_ARGS) { expand_generic_f32(y, ldy, buf, ldb, B, sB, ldB, R, N, rows, seg, nseg); }
+void lora_linear_f32(LINEAR_ARGS) {
+    linear_generic_f32(y, ldy, x, ldx, A, sA, lda, K, rank, nslice, b_ptr, sB, ldB, n_out, off, rows,
+                       seg, nseg, scale, buf, ldb, round_out);
+}
+#undef T
+
+/* bf16: the dot-product items where the CPU has them and the shrink output is rounded to bf16. */
+#define T uint16_t
+void lora_shrink_bf16(SHRINK_ARGS) {
+#ifdef LL_DPBF16
+    if (round_out) {
+        int64_t nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);
+        _Pragma("omp parallel for collapse(2) schedule(static)")
+        for (int64_t c = 0; c < nch; ++c)
+            for (int64_t q = 0; q < nrb; ++q) {
+                int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);
+                shrink_dp(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, out, ldo);
+            }
+        return;
+    }
+#endif
+    shrink_generic_bf16(x, ldx, A, sA, lda, R, K, rows, seg, nseg, scale, out, ldo, round_out);
+}
+
+void lora_expand_bf16(EXPAND_ARGS) {
+#ifdef LL_DPBF16
+    if (buf_is_bf16(buf, ldb, R, rows, seg, nseg)) {
+        int64_t ntile = (N + DP_COLS - 1) / DP_COLS;
+        _Pragma("omp parallel for collapse(2) schedule(static)")
+        for (int64_t s = 0; s < nseg; ++s)
+            for (int64_t t = 0; t < ntile; ++t)
+                expand_dp(y, ldy, buf, ldb, B + seg[3 * s] * sB, ldB, R, N, rows, seg[3 * s + 1],
+                          seg[3 * s + 2], t * DP_COLS);
+        return;
+    }
+#endif
+    expand_generic_bf16(y, ldy, buf, ldb, B, sB, ldB, R, N, rows, seg, nseg);
+}
+
+void lora_linear_bf16(LINEAR_ARGS) {
+#ifdef LL_DPBF16
+    if (round_out) {
+        int64_t R = rank * nslice, nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);
+        _Pragma("omp parallel")
+        {
+            _Pragma("omp for collapse(2) schedule(static)")
+            for (int64_t c = 0; c < nch; ++c)
+                for (int64_t q = 0; q < nrb; ++q) {
+                    int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);
+                    shrink_dp(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale,
+                              buf, ldb);
+                }
+            for (int64_t i = 0; i < nslice; ++i) {
+                int64_t ntile = (n_out[i] + DP_COLS - 1) / DP_COLS;
+                const T* b = (const T*)(intptr_t)b_ptr[i];
+                _Pragma("omp for collapse(2) schedule(static) nowait")
+                for (int64_t s = 0; s < nseg; ++s)
+                    for (int64_t t = 0; t < ntile; ++t)
+                        expand_dp(y + off[i], ldy, buf + i * rank, ldb, b + seg[3 * s] * sB[i], ldB[i],
+                                  rank, n_out[i], rows, seg[3 * s + 1], seg[3 * s + 2], t * DP_COLS);
+            }
+        }
+        return;
+    }
+#endif
+    linear_generic_bf16(y, ldy, x, ldx, A, sA, lda, K, rank, nslice, b_ptr, sB, ldB, n_out, off, rows,
+                        seg, nseg, scale, buf, ldb, round_out);
+}
+#undef T

@@ -7,7 +7,8 @@ adapter mapping is grouped once per mapping change (in `update_metadata`), the s
 matrices are concatenated once per adapter load (only the slot it is loaded into is copied),
 and each LoRA layer is:
 - one adapter for every token (the training case): `buf = x @ A^T` (one matmul over all slices)
-  and `y[:, slice] += buf[:, slice] @ B^T` per slice;
+  and `y[:, slice] += buf[:, slice] @ B^T` per slice; for bf16 models on CPUs with AVX512_BF16,
+  the C kernels below instead (one segment of all rows; half the time of these matmuls);
 - mixed adapters: the C kernels of cpu_kernels.py (lora_cpu.c, S-LoRA's segmented matmuls on
   CPU): one shrink over the rows of each adapter, one expand per slice written straight into y,
   each adapter's weights read once for its rows. Measured at 0.5B shapes (bf16, 8 adapters x 8
@@ -124,8 +125,9 @@ def _group_slots(slots: list[int], device) -> TokenGroups:
     used = sorted({s for s in slots if s >= 0})
     if not used:
         return TokenGroups(n, -1, False)
-    if len(used) == 1 and -1 not in slots:
-        return TokenGroups(n, used[0], True)
+    if len(used) == 1 and -1 not in slots:  # one segment of every row, for the C kernels' bf16 path
+        return TokenGroups(n, used[0], True, torch.arange(n, device=device), ((used[0], 0, n),),
+                           seg_table=torch.tensor([[used[0], 0, n]], dtype=torch.long, device=device))
     lo, hi = used[0], used[-1]
     rows: list[list[int]] = [[] for _ in range(hi - lo + 1)]
     for i, s in enumerate(slots):
@@ -292,6 +294,8 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
     xw = x if x.dtype == w.a_t.dtype else x.to(w.a_t.dtype)
     r = w.rank
     if groups.single >= 0:
+        if _one_by_kernel(y) and _kernel_lora_linear(y, xw, w, scale, output_slices, groups):
+            return
         views = w.slot_views.get((groups.single, output_slices))
         if views is None:
             views = w.slot_views[(groups.single, output_slices)] = _slot_views(w, groups.single,
@@ -343,6 +347,17 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
         out[:, :, off: off + size].copy_(part)
         off += size
     y[:, :n].index_add_(0, groups.gather, out.view(-1, n))
+
+
+def _one_by_kernel(y: torch.Tensor) -> bool:
+    """One adapter on every row goes through the C kernels where they have bf16 dot products
+    (AVX512_BF16) for a bf16 model: 0.5B shapes, 64 rows, weights cold, 6.2-6.8 ms of LoRA per step
+    against 12.4-13.4 ms for the torch matmuls (oneDNN on these skinny shapes). float32 keeps the
+    torch matmuls, which the float32 kernels did not beat (25M shapes: 3.1 vs 2.6 ms)."""
+    import torch
+
+    k = cpu_kernels.loaded()
+    return k is not None and k.dpbf16 and y.dtype == torch.bfloat16
 
 
 def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
@@ -453,8 +468,9 @@ def _announce() -> None:
     if not _announced:
         _announced = True
         k = cpu_kernels.loaded()
-        log.info("fast CPU LoRA ops in use in pid %d; mixed-adapter batches: %s", os.getpid(),
-                 f"C kernels ({k.isa}, {k.path.name})" if k else "torch ops (C kernels not loaded)")
+        log.info("fast CPU LoRA ops in use in pid %d; mixed-adapter batches: %s; one adapter in bf16: %s",
+                 os.getpid(), f"C kernels ({k.isa}, {k.path.name})" if k else "torch ops (C kernels not loaded)",
+                 "C kernels (bf16 dot products)" if k and k.dpbf16 else "torch matmuls")
 
 
 _REPLACEMENTS = {

@@ -38,12 +38,17 @@ MAPPINGS = {
     "with -1": [-1, 3, 0, -1, 1, 2, 3, 3, 3, 3, 3],
     "one slot": [1] * 9,
     "singletons": [3, 2, 1, 0],
+    # Longer than a shrink chunk (16 rows) and than two: the bf16 items' row chunks and prefetches.
+    "long": [2] * 37 + [0, 1, 1] + [3] * 18,
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
-@pytest.mark.parametrize("k_in,rank,n_out", [(64, 16, 64), (67, 8, 300), (200, 48, 5), (896, 16, 600)])
+# (40, 5, 70): odd rank (the last bf16 pair half empty), ranks not a multiple of the 4-rank blocks,
+# columns not a multiple of the 64-column items.
+@pytest.mark.parametrize("k_in,rank,n_out", [(64, 16, 64), (67, 8, 300), (200, 48, 5), (896, 16, 600),
+                                             (40, 5, 70)])
 def test_shrink_and_expand_match_float64(k, dtype, mapping, k_in, rank, n_out):
     slots = 4
     idx = MAPPINGS[mapping]
@@ -105,6 +110,14 @@ def test_one_call_per_layer_equals_shrink_then_expand_per_slice(k, dtype, mappin
     assert not torch.equal(got, wide) or all(s < 0 for s in idx)
     with pytest.raises(ValueError, match="linear"):  # slices wider than y
         k.linear(got[:, :100], x, a, k.slice_args(bs, n_out), rows, seg, 2.0, buf, False)
+
+
+def test_bf16_dot_product_items_are_built_where_the_cpu_has_them(k):
+    # lora_cpu.c compiles its vdpbf16ps items under -march=native when the CPU has AVX512_BF16;
+    # lora_ops then sends one-adapter bf16 layers to the kernels too.
+    flags = open("/proc/cpuinfo").read().split()
+    assert k.dpbf16 == ("avx512_bf16" in flags and "avx512bw" in flags)
+    assert k.isa.endswith("+bf16") == k.dpbf16
 
 
 def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(k):
