@@ -70,7 +70,7 @@ def _compiler() -> str:
     return cc
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     """Where the library for this source, compiler and CPU lives (the key covers all three: a
     cache shared by machines with other CPUs never hands one a library built for another)."""
     try:
@@ -78,21 +78,22 @@ def library_path(cc: str) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cc} --version failed: {e}") from e
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"lora_cpu-{key.hexdigest()[:20]}.so"
 
 
-def build(cc: str | None = None) -> Path:
-    """Compile lora_cpu.c if this machine's library is not cached yet; returns its path."""
+def build(cc: str | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile lora_cpu.c if this machine's library is not cached yet; returns its path. Other
+    `flags` (tests: `-mno-avx512f`, the portable loops other CPUs run) get their own library."""
     cc = cc or _compiler()
-    out = library_path(cc)
+    out = library_path(cc, flags)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE)]
+    cmd = [cc, *flags, "-o", str(tmp), str(SOURCE)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if r.returncode != 0:
@@ -136,6 +137,10 @@ class CpuKernels:
         if self.dpbf16:
             self.isa += "+bf16"
         self._suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}
+        # dtypes with register-blocked items (AVX-512; bf16 also needs AVX512_BF16), which beat
+        # torch's matmuls for one adapter too; the portable loops do not
+        self.blocked = frozenset(([torch.float32] if self.isa.startswith("avx512") else [])
+                                 + ([torch.bfloat16] if self.dpbf16 else []))
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._suffix
@@ -222,6 +227,49 @@ class CpuKernels:
             a.stride(1), a.size(2), rank, nslice, args[0].data_ptr(), args[1].data_ptr(),
             args[2].data_ptr(), args[3].data_ptr(), args[4].data_ptr(), rows.data_ptr(),
             seg.data_ptr(), seg.size(0), scale, buf.data_ptr(), buf.stride(0), 1 if round_out else 0)
+
+    def bind_linear(self, a: torch.Tensor, args: torch.Tensor, round_out: bool) -> BoundLinear:
+        """`linear` for one layer (a, args fixed), called as f(y, x, rows_ptr, seg_ptr, nseg,
+        scale): checks a and args once here; y, x, rows and seg are the caller's to get right."""
+        if a.dim() != 3 or a.stride(2) != 1 or not self.supports(a.dtype) or args.dtype != self._long() \
+                or args.dim() != 2 or args.size(0) != 5 or a.size(1) % args.size(1):
+            raise ValueError(f"bind_linear: a {tuple(a.shape)} {a.stride()} {a.dtype}, args {tuple(args.shape)}")
+        return BoundLinear(self, a, args, round_out)
+
+    @staticmethod
+    def _long():
+        import torch
+
+        return torch.long
+
+
+class BoundLinear:
+    """`CpuKernels.linear` for one layer, with what is the layer's bound once: the weights'
+    pointers and strides, the slices' table, a float32 buffer (grown to the most rows seen). The
+    caller guarantees what `linear(check=True)` checks; `a` and `args` are kept alive here."""
+
+    def __init__(self, k: CpuKernels, a: torch.Tensor, args: torch.Tensor, round_out: bool) -> None:
+        import torch
+
+        nslice = args.size(1)
+        self.a, self.args = a, args
+        self.fn = getattr(k.lib, f"lora_linear_{k._suffix[a.dtype]}")
+        self.mid = (a.data_ptr(), a.stride(0), a.stride(1), a.size(2), a.size(1) // nslice, nslice,
+                    *(args[i].data_ptr() for i in range(5)))
+        self.round_out = 1 if round_out else 0
+        self.width = a.size(1)
+        self.buf = torch.empty(0, self.width)
+        self.buf_ptr = self.buf.data_ptr()
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, rows_ptr: int, seg_ptr: int, nseg: int,
+                 scale: float) -> None:
+        if x.size(0) > self.buf.size(0):
+            import torch
+
+            self.buf = torch.empty(x.size(0), self.width)
+            self.buf_ptr = self.buf.data_ptr()
+        self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), *self.mid, rows_ptr, seg_ptr, nseg,
+                scale, self.buf_ptr, self.width, self.round_out)
 
 
 def load(strict: bool = False) -> CpuKernels | None:

@@ -1,6 +1,7 @@
 /* Segmented LoRA matmuls for the CPU: the rows of a batch grouped by adapter (S-LoRA's SGMV, on
  * CPU). Built and loaded by services/rollout/cpu_kernels.py; used by lora_ops.py for batches
- * that mix adapters.
+ * that mix adapters, and (where the blocked AVX-512 items below are built) for one adapter on
+ * every row as one segment.
  *
  * The rows are given as `rows` (row ids sorted by adapter slot) and `seg`, nseg triples
  * (slot, start, end) that index `rows`. For every row i of a segment with slot s:
@@ -11,6 +12,10 @@
  * float32; out/buf are float32. Each work item reads one adapter's weights once for all the rows
  * of its segment, and writes straight into y: no gather of x, no scatter of the outputs, no
  * per-adapter op dispatch (what torch ops cost for mixed batches: see lora_ops.py).
+ *
+ * Two sets of work items: register-blocked AVX-512 ones (float32 FMAs; bf16 with vdpbf16ps where
+ * the CPU has AVX512_BF16) that prefetch the weights, which come from memory in a real step; and
+ * portable loops for other CPUs (and bf16 without round_out). Tests build and check both.
  *
  * Threads: OpenMP. Linked against libgomp.so.1, which in a torch process resolves to the runtime
  * torch has already loaded, so both share one thread pool (torch.set_num_threads applies).
@@ -155,6 +160,33 @@ SHRINK_ITEM(f32, float, f32id, ld_f32, ld_f32_m)
 EXPAND_ITEM(bf16, uint16_t, bf2f, f2bf)
 EXPAND_ITEM(f32, float, f32id, f32id)
 
+/* ---------------------------------------------------------------- blocked items (AVX-512) */
+
+/* The shrink's work items split segments into chunks of up to ROW_CHUNK rows, so a batch with
+ * one adapter still gives every thread work. Chunk c of the batch -> its segment and rows. */
+#define ROW_CHUNK 16
+#define DP_COLS 64 /* expand: columns per blocked item (4 zmm of float32 per row) */
+#ifndef PF_TILES
+#define PF_TILES 2 /* expand: prefetch distance, in items of the same slice and slot */
+#endif
+static inline int64_t count_chunks(const int64_t* seg, int64_t nseg) {
+    int64_t n = 0;
+    for (int64_t s = 0; s < nseg; ++s) n += (seg[3 * s + 2] - seg[3 * s + 1] + ROW_CHUNK - 1) / ROW_CHUNK;
+    return n;
+}
+static inline int64_t find_chunk(const int64_t* seg, int64_t nseg, int64_t c, int64_t* i0, int64_t* i1) {
+    for (int64_t s = 0; s < nseg; ++s) {
+        int64_t len = seg[3 * s + 2] - seg[3 * s + 1], n = (len + ROW_CHUNK - 1) / ROW_CHUNK;
+        if (c < n) {
+            *i0 = seg[3 * s + 1] + c * ROW_CHUNK;
+            *i1 = *i0 + ROW_CHUNK < seg[3 * s + 2] ? *i0 + ROW_CHUNK : seg[3 * s + 2];
+            return s;
+        }
+        c -= n;
+    }
+    return -1;
+}
+
 /* ---------------------------------------------------------------- bf16 dot products */
 /* With AVX512_BF16 (vdpbf16ps: 32 bf16 products per instruction, accumulated in float32), bf16
  * layers use register-blocked items: 4 rows x 4 ranks per shrink block, 4 rows x 64 columns per
@@ -164,10 +196,6 @@ EXPAND_ITEM(f32, float, f32id, f32id)
  * the portable items only in the order of the float32 sums. */
 #if defined(LL_AVX512) && defined(__AVX512BF16__)
 #define LL_DPBF16 1
-#define DP_COLS 64 /* expand: columns per work item (4 zmm of float32 per row) */
-#ifndef PF_TILES
-#define PF_TILES 2 /* expand: prefetch distance in tiles */
-#endif
 
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
@@ -301,6 +329,102 @@ static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, c
     }
 }
 
+#endif /* LL_DPBF16 */
+
+/* ---------------------------------------------------------------- float32, AVX-512 */
+/* The same blocking and prefetching for float32 layers, with FMAs: 4 rows x 4 ranks per shrink
+ * block (16-lane partial sums over K), 4 rows x 64 columns per expand block (the rank loop in
+ * order, as the portable expand: the same sums). */
+#ifdef LL_AVX512
+static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda, int64_t R,
+                        int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
+                        float scale, float* out, int64_t ldo) {
+    int64_t nr = R - r0 < 4 ? R - r0 : 4;
+    const float* a[4];
+    for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
+    for (int64_t i = i0; i < i1; i += 4) {
+        int64_t ni = i1 - i < 4 ? i1 - i : 4;
+        const float* xr[4];
+        for (int p = 0; p < 4; ++p) xr[p] = x + rows[i + (p < ni ? p : ni - 1)] * ldx;
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 av[4], xv;
+            if (i == i0 && r0 + 4 < R)
+                for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)
+                    _mm_prefetch((const char*)(a[0] + (4 + q) * lda + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) av[q] = _mm512_maskz_loadu_ps(m, a[q] + k);
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+                xv = _mm512_maskz_loadu_ps(m, xr[p] + k);
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv, av[q], acc[p][q]);
+            }
+        }
+        for (int p = 0; p < ni; ++p)
+            for (int q = 0; q < nr; ++q)
+                out[rows[i + p] * ldo + r0 + q] = _mm512_reduce_add_ps(acc[p][q]) * scale;
+    }
+}
+
+static void expand_f32v(float* y, int64_t ldy, const float* buf, int64_t ldb, const float* B,
+                        int64_t ldB, int64_t rank, int64_t N, const int64_t* rows, int64_t i0,
+                        int64_t i1, int64_t n0) {
+    const int64_t nn = N - n0 < DP_COLS ? N - n0 : DP_COLS;
+    if (n0 + PF_TILES * DP_COLS < N)
+        for (int64_t r = 0; r < rank; ++r) {
+            const char* f = (const char*)(B + r * ldB + n0 + PF_TILES * DP_COLS);
+            for (int l = 0; l < 4; ++l) _mm_prefetch(f + 64 * l, _MM_HINT_T0);
+        }
+    __mmask16 mc[4];
+    for (int c = 0; c < 4; ++c) {
+        int64_t v = nn - 16 * c;
+        mc[c] = v >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (v > 0 ? v : 0)) - 1u);
+    }
+    for (int64_t i = i0; i < i1; i += 4) {
+        int64_t ni = i1 - i < 4 ? i1 - i : 4;
+        float* yr[4];
+        const float* c[4];
+        for (int64_t q = 0; q < 4; ++q) {
+            int64_t j = i + 4 + q < i1 ? i + 4 + q : (n0 + DP_COLS < N ? i0 + q : i1);
+            if (j >= i1) break;
+            const char* f = (const char*)(y + rows[j] * ldy + n0 + (i + 4 + q < i1 ? 0 : DP_COLS));
+            for (int l = 0; l < 4; ++l) _mm_prefetch(f + 64 * l, _MM_HINT_T0);
+        }
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+            int64_t row = rows[i + (q < ni ? q : ni - 1)];
+            yr[q] = y + row * ldy + n0;
+            c[q] = buf + row * ldb;
+#pragma GCC unroll 4
+            for (int cc = 0; cc < 4; ++cc) acc[q][cc] = _mm512_maskz_loadu_ps(mc[cc], yr[q] + 16 * cc);
+        }
+        for (int64_t r = 0; r < rank; ++r) {
+            const float* br = B + r * ldB + n0;
+            __m512 bv[4];
+#pragma GCC unroll 4
+            for (int cc = 0; cc < 4; ++cc) bv[cc] = _mm512_maskz_loadu_ps(mc[cc], br + 16 * cc);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) {
+                __m512 cq = _mm512_set1_ps(c[q][r]);
+#pragma GCC unroll 4
+                for (int cc = 0; cc < 4; ++cc) acc[q][cc] = _mm512_fmadd_ps(cq, bv[cc], acc[q][cc]);
+            }
+        }
+        for (int q = 0; q < ni; ++q)
+            for (int cc = 0; cc < 4; ++cc)
+                if (mc[cc]) _mm512_mask_storeu_ps(yr[q] + 16 * cc, mc[cc], acc[q][cc]);
+    }
+}
+#endif /* LL_AVX512 */
+
+#ifdef LL_DPBF16
 /* Whether every rank value the expand will read is a bf16 (the pairs are then exact). */
 static int buf_is_bf16(const float* buf, int64_t ldb, int64_t R, const int64_t* rows,
                        const int64_t* seg, int64_t nseg) {
@@ -313,27 +437,6 @@ static int buf_is_bf16(const float* buf, int64_t ldb, int64_t R, const int64_t* 
     return 1;
 }
 
-/* The shrink's work items split segments into chunks of up to ROW_CHUNK rows, so a batch with
- * one adapter still gives every thread work. Chunk c of the batch -> its segment and rows. */
-#define ROW_CHUNK 16
-static inline int64_t count_chunks(const int64_t* seg, int64_t nseg) {
-    int64_t n = 0;
-    for (int64_t s = 0; s < nseg; ++s) n += (seg[3 * s + 2] - seg[3 * s + 1] + ROW_CHUNK - 1) / ROW_CHUNK;
-    return n;
-}
-static inline int64_t find_chunk(const int64_t* seg, int64_t nseg, int64_t c, int64_t* i0, int64_t* i1) {
-    for (int64_t s = 0; s < nseg; ++s) {
-        int64_t len = seg[3 * s + 2] - seg[3 * s + 1], n = (len + ROW_CHUNK - 1) / ROW_CHUNK;
-        if (c < n) {
-            *i0 = seg[3 * s + 1] + c * ROW_CHUNK;
-            *i1 = *i0 + ROW_CHUNK < seg[3 * s + 2] ? *i0 + ROW_CHUNK : seg[3 * s + 2];
-            return s;
-        }
-        c -= n;
-    }
-    return -1;
-}
-
 int lora_cpu_has_dpbf16(void) { return 1; }
 #else
 int lora_cpu_has_dpbf16(void) { return 0; }
@@ -341,19 +444,25 @@ int lora_cpu_has_dpbf16(void) { return 0; }
 
 /* ---------------------------------------------------------------- entry points */
 
+/* The portable versions, used where the blocked items are not built (no AVX-512) or do not
+ * apply (bf16 without rounding the shrink output). */
+#pragma GCC diagnostic ignored "-Wunused-function"
+
 #define ENTRY_POINTS(SUF, T)                                                                     \
-    static void shrink_generic_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA, int64_t lda,         \
-                           int64_t R, int64_t K, const int64_t* rows, const int64_t* seg,        \
-                           int64_t nseg, float scale, float* out, int64_t ldo, int round_out) {  \
+    static void shrink_generic_##SUF(const T* x, int64_t ldx, const T* A, int64_t sA,            \
+                                     int64_t lda, int64_t R, int64_t K, const int64_t* rows,     \
+                                     const int64_t* seg, int64_t nseg, float scale, float* out,  \
+                                     int64_t ldo, int round_out) {                               \
         _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
         for (int64_t s = 0; s < nseg; ++s)                                                       \
             for (int64_t r = 0; r < R; ++r)                                                      \
                 shrink_item_##SUF(x, ldx, A, sA, lda, K, rows, seg, s, r, scale, out, ldo,       \
                                   round_out);                                                    \
     }                                                                                            \
-    static void expand_generic_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb, const T* B,         \
-                           int64_t sB, int64_t ldB, int64_t R, int64_t N, const int64_t* rows,   \
-                           const int64_t* seg, int64_t nseg) {                                   \
+    static void expand_generic_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb,           \
+                                     const T* B, int64_t sB, int64_t ldB, int64_t R,             \
+                                     int64_t N, const int64_t* rows, const int64_t* seg,         \
+                                     int64_t nseg) {                                             \
         int64_t ntile = (N + TILE - 1) / TILE;                                                   \
         _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
         for (int64_t t = 0; t < ntile; ++t)                                                      \
@@ -364,12 +473,13 @@ int lora_cpu_has_dpbf16(void) { return 0; }
      * buf (rank columns per slice), then each slice's expand into y's columns off[i] ..         \
      * off[i] + n_out[i] from B_i = b_ptr[i] (strides sB[i], ldB[i]). Slices write disjoint      \
      * columns, so their expands run without a barrier between them. */                          \
-    static void linear_generic_##SUF(T* y, int64_t ldy, const T* x, int64_t ldx, const T* A, int64_t sA,   \
-                           int64_t lda, int64_t K, int64_t rank, int64_t nslice,                 \
-                           const int64_t* b_ptr, const int64_t* sB, const int64_t* ldB,          \
-                           const int64_t* n_out, const int64_t* off, const int64_t* rows,        \
-                           const int64_t* seg, int64_t nseg, float scale, float* buf,            \
-                           int64_t ldb, int round_out) {                                         \
+    static void linear_generic_##SUF(T* y, int64_t ldy, const T* x, int64_t ldx, const T* A,     \
+                                     int64_t sA, int64_t lda, int64_t K, int64_t rank,           \
+                                     int64_t nslice, const int64_t* b_ptr, const int64_t* sB,    \
+                                     const int64_t* ldB, const int64_t* n_out,                   \
+                                     const int64_t* off, const int64_t* rows,                    \
+                                     const int64_t* seg, int64_t nseg, float scale,              \
+                                     float* buf, int64_t ldb, int round_out) {                   \
         int64_t R = rank * nslice;                                                               \
         _Pragma("omp parallel")                                                                  \
         {                                                                                        \
@@ -403,14 +513,75 @@ ENTRY_POINTS(f32, float)
     const int64_t* ldB, const int64_t* n_out, const int64_t* off, const int64_t* rows,             \
     const int64_t* seg, int64_t nseg, float scale, float* buf, int64_t ldb, int round_out
 
+/* The blocked items, over one parallel region: the shrink's (row chunk x 4 ranks) items, then
+ * each slice's (segment x 64 columns) items without a barrier between slices (disjoint columns).
+ * SH and EX name the item functions; their own numerics are theirs. */
+#define BLOCKED_LINEAR(T, SH, EX)                                                                \
+    {                                                                                            \
+        int64_t R = rank * nslice, nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);            \
+        _Pragma("omp parallel")                                                                  \
+        {                                                                                        \
+            _Pragma("omp for collapse(2) schedule(static)")                                      \
+            for (int64_t c = 0; c < nch; ++c)                                                    \
+                for (int64_t q = 0; q < nrb; ++q) {                                              \
+                    int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);              \
+                    SH(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, buf,   \
+                       ldb);                                                                     \
+                }                                                                                \
+            for (int64_t i = 0; i < nslice; ++i) {                                               \
+                int64_t ntile = (n_out[i] + DP_COLS - 1) / DP_COLS;                              \
+                const T* b = (const T*)(intptr_t)b_ptr[i];                                       \
+                _Pragma("omp for collapse(2) schedule(static) nowait")                           \
+                for (int64_t s = 0; s < nseg; ++s)                                               \
+                    for (int64_t t = 0; t < ntile; ++t)                                          \
+                        EX(y + off[i], ldy, buf + i * rank, ldb, b + seg[3 * s] * sB[i], ldB[i],  \
+                           rank, n_out[i], rows, seg[3 * s + 1], seg[3 * s + 2], t * DP_COLS);   \
+            }                                                                                    \
+        }                                                                                        \
+    }
+#define BLOCKED_SHRINK(SH)                                                                       \
+    {                                                                                            \
+        int64_t nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);                                \
+        _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
+        for (int64_t c = 0; c < nch; ++c)                                                        \
+            for (int64_t q = 0; q < nrb; ++q) {                                                  \
+                int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);                  \
+                SH(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, out, ldo); \
+            }                                                                                    \
+    }
+#define BLOCKED_EXPAND(EX)                                                                       \
+    {                                                                                            \
+        int64_t ntile = (N + DP_COLS - 1) / DP_COLS;                                             \
+        _Pragma("omp parallel for collapse(2) schedule(static)")                                 \
+        for (int64_t s = 0; s < nseg; ++s)                                                       \
+            for (int64_t t = 0; t < ntile; ++t)                                                  \
+                EX(y, ldy, buf, ldb, B + seg[3 * s] * sB, ldB, R, N, rows, seg[3 * s + 1],       \
+                   seg[3 * s + 2], t * DP_COLS);                                                 \
+    }
+
+/* float32: the AVX-512 blocked items (round_out does not apply: the buffer is float32). */
 #define T float
 void lora_shrink_f32(SHRINK_ARGS) {
+#ifdef LL_AVX512
+    BLOCKED_SHRINK(shrink_f32v)
+#else
     shrink_generic_f32(x, ldx, A, sA, lda, R, K, rows, seg, nseg, scale, out, ldo, round_out);
+#endif
 }
-void lora_expand_f32(EXPAND_ARGS) { expand_generic_f32(y, ldy, buf, ldb, B, sB, ldB, R, N, rows, seg, nseg); }
+void lora_expand_f32(EXPAND_ARGS) {
+#ifdef LL_AVX512
+    BLOCKED_EXPAND(expand_f32v)
+#else
+    expand_generic_f32(y, ldy, buf, ldb, B, sB, ldB, R, N, rows, seg, nseg);
+#endif
+}
 void lora_linear_f32(LINEAR_ARGS) {
+#ifdef LL_AVX512
+    BLOCKED_LINEAR(float, shrink_f32v, expand_f32v)
+#else
     linear_generic_f32(y, ldy, x, ldx, A, sA, lda, K, rank, nslice, b_ptr, sB, ldB, n_out, off, rows,
                        seg, nseg, scale, buf, ldb, round_out);
+#endif
 }
 #undef T
 
@@ -419,13 +590,7 @@ void lora_linear_f32(LINEAR_ARGS) {
 void lora_shrink_bf16(SHRINK_ARGS) {
 #ifdef LL_DPBF16
     if (round_out) {
-        int64_t nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);
-        _Pragma("omp parallel for collapse(2) schedule(static)")
-        for (int64_t c = 0; c < nch; ++c)
-            for (int64_t q = 0; q < nrb; ++q) {
-                int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);
-                shrink_dp(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, out, ldo);
-            }
+        BLOCKED_SHRINK(shrink_dp)
         return;
     }
 #endif
@@ -435,12 +600,7 @@ void lora_shrink_bf16(SHRINK_ARGS) {
 void lora_expand_bf16(EXPAND_ARGS) {
 #ifdef LL_DPBF16
     if (buf_is_bf16(buf, ldb, R, rows, seg, nseg)) {
-        int64_t ntile = (N + DP_COLS - 1) / DP_COLS;
-        _Pragma("omp parallel for collapse(2) schedule(static)")
-        for (int64_t s = 0; s < nseg; ++s)
-            for (int64_t t = 0; t < ntile; ++t)
-                expand_dp(y, ldy, buf, ldb, B + seg[3 * s] * sB, ldB, R, N, rows, seg[3 * s + 1],
-                          seg[3 * s + 2], t * DP_COLS);
+        BLOCKED_EXPAND(expand_dp)
         return;
     }
 #endif
@@ -450,26 +610,7 @@ void lora_expand_bf16(EXPAND_ARGS) {
 void lora_linear_bf16(LINEAR_ARGS) {
 #ifdef LL_DPBF16
     if (round_out) {
-        int64_t R = rank * nslice, nrb = (R + 3) / 4, nch = count_chunks(seg, nseg);
-        _Pragma("omp parallel")
-        {
-            _Pragma("omp for collapse(2) schedule(static)")
-            for (int64_t c = 0; c < nch; ++c)
-                for (int64_t q = 0; q < nrb; ++q) {
-                    int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);
-                    shrink_dp(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale,
-                              buf, ldb);
-                }
-            for (int64_t i = 0; i < nslice; ++i) {
-                int64_t ntile = (n_out[i] + DP_COLS - 1) / DP_COLS;
-                const T* b = (const T*)(intptr_t)b_ptr[i];
-                _Pragma("omp for collapse(2) schedule(static) nowait")
-                for (int64_t s = 0; s < nseg; ++s)
-                    for (int64_t t = 0; t < ntile; ++t)
-                        expand_dp(y + off[i], ldy, buf + i * rank, ldb, b + seg[3 * s] * sB[i], ldB[i],
-                                  rank, n_out[i], rows, seg[3 * s + 1], seg[3 * s + 2], t * DP_COLS);
-            }
-        }
+        BLOCKED_LINEAR(uint16_t, shrink_dp, expand_dp)
         return;
     }
 #endif

@@ -7,12 +7,13 @@ adapter mapping is grouped once per mapping change (in `update_metadata`), the s
 matrices are concatenated once per adapter load (only the slot it is loaded into is copied),
 and each LoRA layer is:
 - one adapter for every token (the training case): `buf = x @ A^T` (one matmul over all slices)
-  and `y[:, slice] += buf[:, slice] @ B^T` per slice; for bf16 models on CPUs with AVX512_BF16,
-  the C kernels below instead (one segment of all rows; half the time of these matmuls);
+  and `y[:, slice] += buf[:, slice] @ B^T` per slice; on CPUs with AVX-512 (bf16 also needs AVX512_BF16)
+  the C kernels below instead, all rows as one segment (0.5B bf16: 7.0-7.9 against 11.7-13.4 ms
+  of LoRA per step for these matmuls; 25M float32: 1.65-1.82 against 1.94-2.25);
 - mixed adapters: the C kernels of cpu_kernels.py (lora_cpu.c, S-LoRA's segmented matmuls on
   CPU): one shrink over the rows of each adapter, one expand per slice written straight into y,
   each adapter's weights read once for its rows. Measured at 0.5B shapes (bf16, 8 adapters x 8
-  rows, weights cold as in a real step): 15 ms of LoRA per step against 29 ms for the torch ops
+  rows, weights cold as in a real step): 9.3 ms of LoRA per step against 29 ms for the torch ops
   below, which stay as the fallback (no C compiler, LORALOOP_CPU_KERNELS=0, float16): rows
   gathered into one padded group per adapter, one batched matmul for shrink and one per slice
   for expand, added back with one `index_add_`.
@@ -98,6 +99,8 @@ class TokenGroups:
     width: int = 0  # rows per padded group
     # Mixed: `segments` as an int64 (n_segments, 3) tensor, for the C kernels (cpu_kernels.py)
     seg_table: torch.Tensor | None = None
+    # (rows, seg_table) data pointers and the number of segments, for the C kernels' calls
+    kernel_ptrs: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
     # The per-row slots and device these groups were made from (group_tokens' reuse check).
     slots: list[int] | None = field(default=None, compare=False, repr=False)
     device: Any = field(default=None, compare=False, repr=False)
@@ -115,7 +118,9 @@ def group_tokens(indices: torch.Tensor, previous: TokenGroups | None = None) -> 
     slots = indices.tolist()
     if previous is not None and previous.slots == slots and previous.device == indices.device:
         return previous
-    return replace(_group_slots(slots, indices.device), slots=slots, device=indices.device)
+    g = _group_slots(slots, indices.device)
+    ptrs = None if g.seg_table is None else (g.order.data_ptr(), g.seg_table.data_ptr(), g.seg_table.size(0))
+    return replace(g, slots=slots, device=indices.device, kernel_ptrs=ptrs)
 
 
 def _group_slots(slots: list[int], device) -> TokenGroups:
@@ -350,39 +355,48 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
 
 
 def _one_by_kernel(y: torch.Tensor) -> bool:
-    """One adapter on every row goes through the C kernels where they have bf16 dot products
-    (AVX512_BF16) for a bf16 model: 0.5B shapes, 64 rows, weights cold, 6.2-6.8 ms of LoRA per step
-    against 12.4-13.4 ms for the torch matmuls (oneDNN on these skinny shapes). float32 keeps the
-    torch matmuls, which the float32 kernels did not beat (25M shapes: 3.1 vs 2.6 ms)."""
-    import torch
-
+    """One adapter on every row goes through the C kernels where they have their blocked AVX-512
+    items for y's dtype (cpu_kernels.CpuKernels.blocked); else the torch matmuls. Measured (64
+    rows, weights cold, LoRA ms per step): 0.5B bf16 7.0-7.9 against 11.7-13.4 for the matmuls
+    (oneDNN on these skinny shapes); 25M float32 1.65-1.82 against 1.94-2.25."""
     k = cpu_kernels.loaded()
-    return k is not None and k.dpbf16 and y.dtype == torch.bfloat16
+    return k is not None and y.dtype in k.blocked
 
 
 def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
                         output_slices: tuple[int, ...], groups: TokenGroups) -> bool:
-    """Mixed batch through the C kernels (cpu_kernels.py), one call per layer: the shrink of all
-    slices into a float32 buffer, then each slice's expand straight into y's columns. False
-    (caller falls back to torch ops) where they are not loaded or the layout is not theirs. For
-    bf16 the shrink output is rounded to bf16, as the stock ops round theirs before the expand."""
+    """The layer through the C kernels (cpu_kernels.py), one call: the shrink of all slices into a
+    float32 buffer, then each slice's expand straight into y's columns. False (caller falls back to
+    torch ops) where they are not loaded or the layout is not theirs. For bf16 the shrink output
+    is rounded to bf16, as the stock ops round theirs before the expand. What is the layer's (its
+    weights' pointers and strides, the buffer) is bound once, in w.buffers: a call costs ~4 us of
+    Python and ctypes, where passing every argument each time cost ~10 us."""
+    call = w.buffers.get(("kernel", output_slices))
+    if call is None:
+        call = _bind_kernel(y, x, w, output_slices)
+        if call is None:
+            return False
+    if y.dtype != w.a_t.dtype or x.dtype != y.dtype or y.stride(1) != 1 or x.stride(1) != 1 \
+            or groups.segments[-1][0] >= w.a_t.size(0):
+        return False
+    ptrs = groups.kernel_ptrs or (groups.order.data_ptr(), groups.seg_table.data_ptr(), groups.seg_table.size(0))
+    call(y, x, *ptrs, scale)
+    return True
+
+
+def _bind_kernel(y: torch.Tensor, x: torch.Tensor, w: FusedLora, output_slices: tuple[int, ...]):
+    """The bound kernel call for this layer and output slices (None: not for the kernels)."""
     import torch
 
     k = cpu_kernels.loaded()
     if k is None or not k.supports(y.dtype) or x.dtype != y.dtype or w.a_t.dtype != y.dtype:
-        return False
+        return None
     a = w.a_t.transpose(1, 2)  # (slots, n_slices * rank, in): vLLM's own layout, unit stride in `in`
-    if y.stride(1) != 1 or x.stride(1) != 1 or a.stride(2) != 1 or groups.segments[-1][0] >= a.size(0):
-        return False
-    args = w.buffers.get(("kernel", output_slices))
-    if args is None:  # per layer and output slices, once: B pointers, strides, columns
-        if len(output_slices) != len(w.b_t) or sum(output_slices) > y.size(1):
-            return False
-        args = w.buffers[("kernel", output_slices)] = k.slice_args(dense_b(w), output_slices)
-    buf = torch.empty(x.size(0), a.size(1), dtype=torch.float32, device=x.device)
-    k.linear(y, x, a, args, groups.order, groups.seg_table, scale, buf,
-             round_out=y.dtype != torch.float32, check=False)
-    return True
+    if a.stride(2) != 1 or len(output_slices) != len(w.b_t) or sum(output_slices) > y.size(1):
+        return None
+    args = k.slice_args(dense_b(w), output_slices)
+    call = w.buffers[("kernel", output_slices)] = k.bind_linear(a, args, round_out=y.dtype != torch.float32)
+    return call
 
 
 def _lora_linear_per_group(y: torch.Tensor, xf: torch.Tensor, w: FusedLora, scale: float,
@@ -468,9 +482,10 @@ def _announce() -> None:
     if not _announced:
         _announced = True
         k = cpu_kernels.loaded()
-        log.info("fast CPU LoRA ops in use in pid %d; mixed-adapter batches: %s; one adapter in bf16: %s",
+        log.info("fast CPU LoRA ops in use in pid %d; mixed-adapter batches: %s; one adapter: %s",
                  os.getpid(), f"C kernels ({k.isa}, {k.path.name})" if k else "torch ops (C kernels not loaded)",
-                 "C kernels (bf16 dot products)" if k and k.dpbf16 else "torch matmuls")
+                 f"C kernels for {', '.join(sorted(str(d).removeprefix('torch.') for d in k.blocked))}, "
+                 "else torch matmuls" if k and k.blocked else "torch matmuls")
 
 
 _REPLACEMENTS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,18 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None
 @pytest.fixture(scope="module")
 def k():
     return cpu_kernels.load(strict=True)
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def kk(request, k, tmp_path_factory):
+    """The kernels as built for this CPU, and built without AVX-512 (the portable loops that CPUs
+    without it run), so both are checked here whatever this machine has."""
+    if request.param == "native":
+        return k
+    path = cpu_kernels.build(flags=(*cpu_kernels.FLAGS, "-mno-avx512f"))
+    portable = cpu_kernels.CpuKernels(path)
+    assert portable.isa == "portable" and not portable.dpbf16 and not portable.blocked
+    return portable
 
 
 def segments(slots_of_rows: list[int]):
@@ -49,7 +62,8 @@ MAPPINGS = {
 # columns not a multiple of the 64-column items.
 @pytest.mark.parametrize("k_in,rank,n_out", [(64, 16, 64), (67, 8, 300), (200, 48, 5), (896, 16, 600),
                                              (40, 5, 70)])
-def test_shrink_and_expand_match_float64(k, dtype, mapping, k_in, rank, n_out):
+def test_shrink_and_expand_match_float64(kk, dtype, mapping, k_in, rank, n_out):
+    k = kk
     slots = 4
     idx = MAPPINGS[mapping]
     rows, seg = segments(idx)
@@ -86,7 +100,8 @@ def test_shrink_and_expand_match_float64(k, dtype, mapping, k_in, rank, n_out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
-def test_one_call_per_layer_equals_shrink_then_expand_per_slice(k, dtype, mapping):
+def test_one_call_per_layer_equals_shrink_then_expand_per_slice(kk, dtype, mapping):
+    k = kk
     slots, rank, k_in, n_out = 4, 8, 72, (300, 40, 40)  # qkv-like: three slices, one wide
     idx = MAPPINGS[mapping]
     rows, seg = segments(idx)
@@ -115,12 +130,15 @@ def test_one_call_per_layer_equals_shrink_then_expand_per_slice(k, dtype, mappin
 def test_bf16_dot_product_items_are_built_where_the_cpu_has_them(k):
     # lora_cpu.c compiles its vdpbf16ps items under -march=native when the CPU has AVX512_BF16;
     # lora_ops then sends one-adapter bf16 layers to the kernels too.
-    flags = open("/proc/cpuinfo").read().split()
+    flags = Path("/proc/cpuinfo").read_text().split()
     assert k.dpbf16 == ("avx512_bf16" in flags and "avx512bw" in flags)
     assert k.isa.endswith("+bf16") == k.dpbf16
+    assert (torch.bfloat16 in k.blocked) == k.dpbf16
+    assert (torch.float32 in k.blocked) == ("avx512f" in flags and "avx512bw" in flags)
 
 
-def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(k):
+def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(kk):
+    k = kk
     # One row, rank 1, K 1: buf = x * a exactly; y += buf * 1. y0 = 1, so the sum's rounding to
     # bf16 is torch's (round to nearest even) on values that sit exactly between two bf16s.
     rows, seg = segments([0])
@@ -193,3 +211,26 @@ def test_a_broken_source_is_a_build_error_with_the_compiler_output(tmp_path, mon
     with pytest.raises(cpu_kernels.KernelBuildError, match="error"):
         cpu_kernels.build()
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_layer_call_equals_linear_and_grows_its_buffer(k, dtype):
+    # lora_ops binds each layer's call once (weights' pointers, slices' table, buffer) and calls it
+    # with rows of every step: the same results as linear(), for more rows than the first call had.
+    slots, rank, k_in, n_out = 4, 8, 72, (300, 40, 40)
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(slots, rank * len(n_out), k_in, generator=g) / k_in**0.5).to(dtype)
+    bs = tuple((torch.randn(slots, rank, n, generator=g) / rank**0.5).to(dtype) for n in n_out)
+    args = k.slice_args(bs, n_out)
+    call = k.bind_linear(a, args, round_out=dtype == torch.bfloat16)
+    for idx in (MAPPINGS["singletons"], MAPPINGS["long"], MAPPINGS["mixed"]):
+        rows, seg = segments(idx)
+        x = torch.randn(len(idx), k_in, generator=g).to(dtype)
+        y0 = torch.randn(len(idx), sum(n_out), generator=g).to(dtype)
+        want, got = y0.clone(), y0.clone()
+        k.linear(want, x, a, args, rows, seg, 0.5, torch.empty(len(idx), a.size(1)), dtype == torch.bfloat16)
+        call(got, x, rows.data_ptr(), seg.data_ptr(), seg.size(0), 0.5)
+        assert torch.equal(got, want) and not torch.equal(got, y0)
+    assert call.buf.size(0) == len(MAPPINGS["long"])
+    with pytest.raises(ValueError, match="bind_linear"):
+        k.bind_linear(a.transpose(1, 2), args, round_out=False)
