@@ -249,9 +249,14 @@ static void shrink_dp(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t
                 for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_dpbf16_ps(acc[p][q], as_bh(xv), as_bh(av[q]));
             }
         }
-        for (int p = 0; p < ni; ++p)
-            for (int q = 0; q < nr; ++q)
-                out[rows[i + p] * ldo + r0 + q] = bf2f(f2bf(_mm512_reduce_add_ps(acc[p][q]) * scale));
+        /* Constant indices only (unrolled, guarded): an acc[p][q] indexed at run time would make
+         * the compiler keep the array in memory and store every accumulator on every step. */
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q)
+                if (p < ni && q < nr)
+                    out[rows[i + p] * ldo + r0 + q] = bf2f(f2bf(_mm512_reduce_add_ps(acc[p][q]) * scale));
     }
 }
 
@@ -323,9 +328,11 @@ static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, c
                     acc[q][cc] = _mm512_dpbf16_ps(acc[q][cc], as_bh(cq), as_bh(bp[p][cc]));
             }
         }
-        for (int q = 0; q < ni; ++q)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
             for (int cc = 0; cc < 4; ++cc)
-                if (mc[cc]) _mm256_mask_storeu_epi16(yr[q] + 16 * cc, mc[cc], f2bf_v(acc[q][cc]));
+                if (q < ni && mc[cc]) _mm256_mask_storeu_epi16(yr[q] + 16 * cc, mc[cc], f2bf_v(acc[q][cc]));
     }
 }
 
@@ -366,9 +373,11 @@ static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda
                 for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv, av[q], acc[p][q]);
             }
         }
-        for (int p = 0; p < ni; ++p)
-            for (int q = 0; q < nr; ++q)
-                out[rows[i + p] * ldo + r0 + q] = _mm512_reduce_add_ps(acc[p][q]) * scale;
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q)
+                if (p < ni && q < nr) out[rows[i + p] * ldo + r0 + q] = _mm512_reduce_add_ps(acc[p][q]) * scale;
     }
 }
 
@@ -417,9 +426,11 @@ static void expand_f32v(float* y, int64_t ldy, const float* buf, int64_t ldb, co
                 for (int cc = 0; cc < 4; ++cc) acc[q][cc] = _mm512_fmadd_ps(cq, bv[cc], acc[q][cc]);
             }
         }
-        for (int q = 0; q < ni; ++q)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
             for (int cc = 0; cc < 4; ++cc)
-                if (mc[cc]) _mm512_mask_storeu_ps(yr[q] + 16 * cc, mc[cc], acc[q][cc]);
+                if (q < ni && mc[cc]) _mm512_mask_storeu_ps(yr[q] + 16 * cc, mc[cc], acc[q][cc]);
     }
 }
 #endif /* LL_AVX512 */

@@ -8,12 +8,12 @@ matrices are concatenated once per adapter load (only the slot it is loaded into
 and each LoRA layer is:
 - one adapter for every token (the training case): `buf = x @ A^T` (one matmul over all slices)
   and `y[:, slice] += buf[:, slice] @ B^T` per slice; on CPUs with AVX-512 (bf16 also needs AVX512_BF16)
-  the C kernels below instead, all rows as one segment (0.5B bf16: 7.0-7.9 against 11.7-13.4 ms
-  of LoRA per step for these matmuls; 25M float32: 1.65-1.82 against 1.94-2.25);
+  the C kernels below instead, all rows as one segment (0.5B bf16: 5.1-5.5 against 12.7-13.1 ms
+  of LoRA per step for these matmuls; 25M float32: 1.27-1.33 against 2.06-2.07);
 - mixed adapters: the C kernels of cpu_kernels.py (lora_cpu.c, S-LoRA's segmented matmuls on
   CPU): one shrink over the rows of each adapter, one expand per slice written straight into y,
   each adapter's weights read once for its rows. Measured at 0.5B shapes (bf16, 8 adapters x 8
-  rows, weights cold as in a real step): 9.3 ms of LoRA per step against 29 ms for the torch ops
+  rows, weights cold as in a real step): 7.3-7.7 ms of LoRA per step against 29 ms for the torch ops
   below, which stay as the fallback (no C compiler, LORALOOP_CPU_KERNELS=0, float16): rows
   gathered into one padded group per adapter, one batched matmul for shrink and one per slice
   for expand, added back with one `index_add_`.
@@ -357,8 +357,8 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
 def _one_by_kernel(y: torch.Tensor) -> bool:
     """One adapter on every row goes through the C kernels where they have their blocked AVX-512
     items for y's dtype (cpu_kernels.CpuKernels.blocked); else the torch matmuls. Measured (64
-    rows, weights cold, LoRA ms per step): 0.5B bf16 7.0-7.9 against 11.7-13.4 for the matmuls
-    (oneDNN on these skinny shapes); 25M float32 1.65-1.82 against 1.94-2.25."""
+    rows, weights cold, LoRA ms per step): 0.5B bf16 5.1-5.5 against 12.7-13.1 for the matmuls
+    (oneDNN on these skinny shapes); 25M float32 1.27-1.33 against 2.06-2.07."""
     k = cpu_kernels.loaded()
     return k is not None and y.dtype in k.blocked
 
