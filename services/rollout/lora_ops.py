@@ -354,13 +354,23 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
     y[:, :n].index_add_(0, groups.gather, out.view(-1, n))
 
 
+# bf16 batches of one adapter above this many rows (prefill) keep torch's matmuls: 0.5B shapes,
+# LoRA ms per 24 layers, kernels vs matmuls: 256 rows 16.5 vs 20.7, 384 23.9 vs 27.2, 512 34.3 vs
+# 32.3, 2048 135 vs 102 (oneDNN's bf16 blocking wins on tall x). float32: the kernels at every size
+# measured (2048 rows, 25M shapes: 27 vs 39 ms).
+ONE_BY_KERNEL_MAX_ROWS_BF16 = 384
+
+
 def _one_by_kernel(y: torch.Tensor) -> bool:
     """One adapter on every row goes through the C kernels where they have their blocked AVX-512
     items for y's dtype (cpu_kernels.CpuKernels.blocked); else the torch matmuls. Measured (64
     rows, weights cold, LoRA ms per step): 0.5B bf16 5.1-5.5 against 12.7-13.1 for the matmuls
     (oneDNN on these skinny shapes); 25M float32 1.27-1.33 against 2.06-2.07."""
+    import torch
+
     k = cpu_kernels.loaded()
-    return k is not None and y.dtype in k.blocked
+    return k is not None and y.dtype in k.blocked and (
+        y.dtype != torch.bfloat16 or y.size(0) <= ONE_BY_KERNEL_MAX_ROWS_BF16)
 
 
 def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
