@@ -1,8 +1,9 @@
 """Segmented LoRA kernels for the CPU (lora_cpu.c): built on first use, cached, loaded with ctypes.
 
-lora_ops uses them for batches that mix adapters, one call per LoRA layer (`linear`: the shrink
-of all slices, then each slice's expand written straight into the layer's output), instead of
-torch's gather / batched matmuls / index_add_. `shrink` and `expand` are the two halves alone.
+lora_ops uses them for batches that mix adapters, and on AVX-512 CPUs for one adapter too, one
+call per LoRA layer (`linear`, bound once per layer with `bind_linear`: the shrink of all slices,
+then each slice's expand written straight into the layer's output), instead of torch's gather /
+batched matmuls / index_add_. `shrink` and `expand` are the two halves alone.
 
 The C source is compiled once per (source, compiler, CPU flags) with `cc -O3 -march=native
 -fopenmp` into a cache directory (`LORALOOP_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraloop/kernels`,
