@@ -198,6 +198,8 @@ class CpuKernels:
 
         if len(bs) != len(n_out) or not bs:
             raise ValueError(f"{len(bs)} B slices for {len(n_out)} output slices")
+        if bs[0].dim() == 3 and bs[0].size(1) < 1:
+            raise ValueError("B slices of rank 0")
         for b, n in zip(bs, n_out, strict=True):
             if b.dim() != 3 or b.stride(2) != 1 or b.size(2) < n or b.dtype != bs[0].dtype \
                     or b.size(0) != bs[0].size(0) or b.size(1) != bs[0].size(1):
@@ -229,48 +231,55 @@ class CpuKernels:
             args[2].data_ptr(), args[3].data_ptr(), args[4].data_ptr(), rows.data_ptr(),
             seg.data_ptr(), seg.size(0), scale, buf.data_ptr(), buf.stride(0), 1 if round_out else 0)
 
-    def bind_linear(self, a: torch.Tensor, args: torch.Tensor, round_out: bool) -> BoundLinear:
-        """`linear` for one layer (a, args fixed), called as f(y, x, rows_ptr, seg_ptr, nseg,
-        scale): checks a and args once here; y, x, rows and seg are the caller's to get right."""
-        if a.dim() != 3 or a.stride(2) != 1 or not self.supports(a.dtype) or args.dtype != self._long() \
-                or args.dim() != 2 or args.size(0) != 5 or a.size(1) % args.size(1):
-            raise ValueError(f"bind_linear: a {tuple(a.shape)} {a.stride()} {a.dtype}, args {tuple(args.shape)}")
-        return BoundLinear(self, a, args, round_out)
+    def bind_linear(self, a: torch.Tensor, bs: tuple[torch.Tensor, ...], n_out: tuple[int, ...],
+                    round_out: bool) -> BoundLinear:
+        """`linear` for one layer (a, the B slices `bs` and their columns fixed), called as
+        f(y, x, rows_ptr, seg_ptr, nseg, scale): a and bs are checked once, here; y, x, rows and
+        seg are the caller's to get right (y at least sum(n_out) columns wide)."""
+        args = self.slice_args(bs, n_out)
+        if a.dim() != 3 or a.stride(2) != 1 or not self.supports(a.dtype) or bs[0].dtype != a.dtype \
+                or a.size(0) != bs[0].size(0) or a.size(1) != bs[0].size(1) * len(bs):
+            raise ValueError(f"bind_linear: a {tuple(a.shape)} {a.stride()} {a.dtype} for B slices "
+                             f"{[tuple(b.shape) for b in bs]} {bs[0].dtype}")
+        return BoundLinear(self, a, bs, args, round_out)
 
-    @staticmethod
-    def _long():
+
+_scratch = threading.local()
+
+
+def scratch(n: int) -> tuple[int, torch.Tensor]:
+    """A float32 buffer of at least n elements for the kernels' shrink output, one per thread and
+    shared by every layer (layers run one after another): a per-layer buffer would keep the
+    largest prefill's rows for each layer. Returns its data pointer and the tensor."""
+    t = getattr(_scratch, "buf", None)
+    if t is None or t.numel() < n:
         import torch
 
-        return torch.long
+        t = _scratch.buf = torch.empty(max(n, 1 << 16), dtype=torch.float32)
+    return t.data_ptr(), t
 
 
 class BoundLinear:
     """`CpuKernels.linear` for one layer, with what is the layer's bound once: the weights'
-    pointers and strides, the slices' table, a float32 buffer (grown to the most rows seen). The
-    caller guarantees what `linear(check=True)` checks; `a` and `args` are kept alive here."""
+    pointers and strides and the slices' table. The caller guarantees what `linear(check=True)`
+    checks of y, x, rows and seg; a, the B slices and the table are kept alive here. One call at a
+    time per thread (the buffer is the thread's scratch)."""
 
-    def __init__(self, k: CpuKernels, a: torch.Tensor, args: torch.Tensor, round_out: bool) -> None:
-        import torch
-
+    def __init__(self, k: CpuKernels, a: torch.Tensor, bs: tuple[torch.Tensor, ...],
+                 args: torch.Tensor, round_out: bool) -> None:
         nslice = args.size(1)
-        self.a, self.args = a, args
+        self.a, self.bs, self.args = a, bs, args
         self.fn = getattr(k.lib, f"lora_linear_{k._suffix[a.dtype]}")
         self.mid = (a.data_ptr(), a.stride(0), a.stride(1), a.size(2), a.size(1) // nslice, nslice,
                     *(args[i].data_ptr() for i in range(5)))
         self.round_out = 1 if round_out else 0
         self.width = a.size(1)
-        self.buf = torch.empty(0, self.width)
-        self.buf_ptr = self.buf.data_ptr()
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, rows_ptr: int, seg_ptr: int, nseg: int,
                  scale: float) -> None:
-        if x.size(0) > self.buf.size(0):
-            import torch
-
-            self.buf = torch.empty(x.size(0), self.width)
-            self.buf_ptr = self.buf.data_ptr()
+        buf_ptr, _ = scratch(x.size(0) * self.width)
         self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), *self.mid, rows_ptr, seg_ptr, nseg,
-                scale, self.buf_ptr, self.width, self.round_out)
+                scale, buf_ptr, self.width, self.round_out)
 
 
 def load(strict: bool = False) -> CpuKernels | None:

@@ -15,7 +15,9 @@
  *
  * Two sets of work items: register-blocked AVX-512 ones (float32 FMAs; bf16 with vdpbf16ps where
  * the CPU has AVX512_BF16) that prefetch the weights, which come from memory in a real step; and
- * portable loops for other CPUs (and bf16 without round_out). Tests build and check both.
+ * portable loops for CPUs without AVX-512, and for bf16 on CPUs without AVX512_BF16 (or without
+ * round_out). Prefetches near the end of the last tile may name addresses past an array: a
+ * prefetch never faults. Tests build and check all three builds.
  *
  * Threads: OpenMP. Linked against libgomp.so.1, which in a torch process resolves to the runtime
  * torch has already loaded, so both share one thread pool (torch.set_num_threads applies).
@@ -46,7 +48,8 @@ static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does; 
 
 static inline float f32id(float v) { return v; }
 
-/* 1: built with the AVX-512 shrink; 0: portable loops only (the compiler's vectorization). */
+/* 1: built with AVX-512 (the blocked items, and the portable shrink's 4-row AVX-512 loop);
+ * 0: portable loops only (the compiler's vectorization). */
 int lora_cpu_isa(void) {
 #ifdef LL_AVX512
     return 1;
@@ -170,6 +173,15 @@ EXPAND_ITEM(f32, float, f32id, f32id)
 #ifndef PF_TILES
 #define PF_TILES 2 /* expand: prefetch distance, in items of the same slice and slot */
 #endif
+#ifdef LL_AVX512
+static inline __mmask32 mask32(int64_t n) { /* the first n lanes (none for n <= 0) */
+    return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (n > 0 ? n : 0)) - 1u);
+}
+static inline __mmask16 mask16(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n > 0 ? n : 0)) - 1u);
+}
+#endif
+
 static inline int64_t count_chunks(const int64_t* seg, int64_t nseg) {
     int64_t n = 0;
     for (int64_t s = 0; s < nseg; ++s) n += (seg[3 * s + 2] - seg[3 * s + 1] + ROW_CHUNK - 1) / ROW_CHUNK;
@@ -194,14 +206,16 @@ static inline int64_t find_chunk(const int64_t* seg, int64_t nseg, int64_t c, in
  * expand block, 16 accumulators in registers. The expand needs the rank in bf16 pairs: the shrink
  * output is already rounded to bf16 (round_out, as the stock ops round theirs), so the pairs are
  * exact, and B's tile is interleaved into (r, r+1) pairs once per work item. Results differ from
- * the portable items only in the order of the float32 sums. */
+ * the portable items in the order of the float32 sums, and in denormals: vdpbf16ps treats
+ * denormal inputs (x, A, B, y's accumulator) as zero and flushes denormal sums, which moves
+ * results by less than 2^-126 (bf16 values of the model are far above that). */
 #if defined(LL_AVX512) && defined(__AVX512BF16__)
 #define LL_DPBF16 1
 
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-/* 16 floats to bf16 as f2bf does (nearest even; NaN stays NaN), unlike vcvtneps2bf16, which
- * flushes denormals. */
+/* 16 floats to bf16 as f2bf does (nearest even; NaN stays NaN): the same rounding as the scalar
+ * code for every value that is not denormal. */
 static inline __m256i f2bf_v(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -211,18 +225,13 @@ static inline __m256i f2bf_v(__m512 v) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-static inline __mmask32 mask32(int64_t n) { /* the first n (<= 32) lanes */
-    return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (n > 0 ? n : 0)) - 1u);
-}
-static inline __mmask16 mask16(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n > 0 ? n : 0)) - 1u);
-}
 
 /* Shrink item: one segment (rows[i0..i1)) x ranks r0 .. r0+3 of A (the slot's (R, K) rows). Row
  * and rank blocks shorter than 4 repeat their last member; only real ones are written. */
 static void shrink_dp(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t lda, int64_t R,
                       int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
-                      float scale, float* out, int64_t ldo) {
+                      float scale, float* out, int64_t ldo, int round_out) {
+    (void)round_out; /* always rounded: the bf16 entries call it only with round_out */
     int64_t nr = R - r0 < 4 ? R - r0 : 4;
     const uint16_t* a[4];
     for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
@@ -310,11 +319,12 @@ static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, c
             yr[q] = y + row * ldy + n0;
             const float* c = buf + row * ldb;
             uint16_t* pw = (uint16_t*)pairs[q];
-            for (int64_t r = 0; r < rank; r += 16) { /* the floats' top halves: exact bf16 */
+            /* the floats' top halves (exact bf16s); lanes past rank are zero, so an odd rank's
+             * last pair is (value, 0) */
+            for (int64_t r = 0; r < rank; r += 16) {
                 __m512i v = _mm512_maskz_loadu_epi32(mask16(rank - r), c + r);
                 _mm256_storeu_si256((__m256i*)(pw + r), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
             }
-            if (rank & 1) pw[rank] = 0;
 #pragma GCC unroll 4
             for (int cc = 0; cc < 4; ++cc)
                 acc[q][cc] = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -346,7 +356,7 @@ static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, c
 #ifdef LL_AVX512
 static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda, int64_t R,
                         int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
-                        float scale, float* out, int64_t ldo) {
+                        float scale, float* out, int64_t ldo, int round_out) {
     int64_t nr = R - r0 < 4 ? R - r0 : 4;
     const float* a[4];
     for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
@@ -360,7 +370,7 @@ static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda
 #pragma GCC unroll 4
             for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            __mmask16 m = mask16(K - k);
             __m512 av[4], xv;
             if (i == i0 && r0 + 4 < R)
                 for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)
@@ -378,7 +388,10 @@ static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda
         for (int p = 0; p < 4; ++p)
 #pragma GCC unroll 4
             for (int q = 0; q < 4; ++q)
-                if (p < ni && q < nr) out[rows[i + p] * ldo + r0 + q] = _mm512_reduce_add_ps(acc[p][q]) * scale;
+                if (p < ni && q < nr) {
+                    float v = _mm512_reduce_add_ps(acc[p][q]) * scale;
+                    out[rows[i + p] * ldo + r0 + q] = round_out ? bf2f(f2bf(v)) : v;
+                }
     }
 }
 
@@ -392,10 +405,7 @@ static void expand_f32v(float* y, int64_t ldy, const float* buf, int64_t ldb, co
             for (int l = 0; l < 4; ++l) _mm_prefetch(f + 64 * l, _MM_HINT_T0);
         }
     __mmask16 mc[4];
-    for (int c = 0; c < 4; ++c) {
-        int64_t v = nn - 16 * c;
-        mc[c] = v >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (v > 0 ? v : 0)) - 1u);
-    }
+    for (int c = 0; c < 4; ++c) mc[c] = mask16(nn - 16 * c);
     for (int64_t i = i0; i < i1; i += 4) {
         int64_t ni = i1 - i < 4 ? i1 - i : 4;
         float* yr[4];
@@ -538,7 +548,7 @@ ENTRY_POINTS(f32, float)
                 for (int64_t q = 0; q < nrb; ++q) {                                              \
                     int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);              \
                     SH(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, buf,   \
-                       ldb);                                                                     \
+                       ldb, round_out);                                                          \
                 }                                                                                \
             for (int64_t i = 0; i < nslice; ++i) {                                               \
                 int64_t ntile = (n_out[i] + DP_COLS - 1) / DP_COLS;                              \
@@ -558,7 +568,8 @@ ENTRY_POINTS(f32, float)
         for (int64_t c = 0; c < nch; ++c)                                                        \
             for (int64_t q = 0; q < nrb; ++q) {                                                  \
                 int64_t i0 = 0, i1 = 0, s = find_chunk(seg, nseg, c, &i0, &i1);                  \
-                SH(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, out, ldo); \
+                SH(x, ldx, A + seg[3 * s] * sA, lda, R, K, rows, i0, i1, 4 * q, scale, out, ldo,  \
+                   round_out);                                                                   \
             }                                                                                    \
     }
 #define BLOCKED_EXPAND(EX)                                                                       \
@@ -571,7 +582,7 @@ ENTRY_POINTS(f32, float)
                    seg[3 * s + 2], t * DP_COLS);                                                 \
     }
 
-/* float32: the AVX-512 blocked items (round_out does not apply: the buffer is float32). */
+/* float32: the AVX-512 blocked items where built, else the portable loops. */
 #define T float
 void lora_shrink_f32(SHRINK_ARGS) {
 #ifdef LL_AVX512

@@ -85,7 +85,8 @@ class TokenGroups:
     n_rows: int
     single: int  # the slot every row uses, or -1 (mixed, or some rows without adapter)
     any_lora: bool
-    # Mixed: rows with an adapter sorted by slot, and (slot, start, end) ranges of `order`.
+    # Rows with an adapter sorted by slot, and (slot, start, end) ranges of `order` (one adapter:
+    # one segment of every row).
     order: torch.Tensor | None = None
     segments: tuple[tuple[int, int, int], ...] = ()
     # Mixed and balanced: one padded group per slot in slot_lo .. slot_lo + n_groups - 1 (empty
@@ -97,7 +98,7 @@ class TokenGroups:
     # (every used slot has `width` rows, e.g. the same number of samples per adapter)
     mask: torch.Tensor | None = None
     width: int = 0  # rows per padded group
-    # Mixed: `segments` as an int64 (n_segments, 3) tensor, for the C kernels (cpu_kernels.py)
+    # `segments` as an int64 (n_segments, 3) tensor, for the C kernels (cpu_kernels.py)
     seg_table: torch.Tensor | None = None
     # (rows, seg_table) data pointers and the number of segments, for the C kernels' calls
     kernel_ptrs: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
@@ -130,7 +131,7 @@ def _group_slots(slots: list[int], device) -> TokenGroups:
     used = sorted({s for s in slots if s >= 0})
     if not used:
         return TokenGroups(n, -1, False)
-    if len(used) == 1 and -1 not in slots:  # one segment of every row, for the C kernels' bf16 path
+    if len(used) == 1 and -1 not in slots:  # one segment of every row, for the C kernels
         return TokenGroups(n, used[0], True, torch.arange(n, device=device), ((used[0], 0, n),),
                            seg_table=torch.tensor([[used[0], 0, n]], dtype=torch.long, device=device))
     lo, hi = used[0], used[-1]
@@ -177,7 +178,7 @@ class FusedLora:
     slot_views: dict = field(default_factory=dict)
     layout: tuple | None = None  # adapter id in each slot when built (vLLM's lora_index_to_id)
     a_copied: bool = True  # a_t is a copy (else a view of the one source)
-    # mixed-batch output buffers, reused per shape; the C kernels' argument table per slices
+    # mixed-batch output buffers, reused per shape; the C kernels' bound call per output slices
     buffers: dict = field(default_factory=dict)
 
     @property
@@ -264,8 +265,9 @@ def _refresh_slots(w: FusedLora, a_stacked: tuple[torch.Tensor, ...], slots: lis
 
 
 def dense_weights(w: FusedLora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Contiguous copies of a_t and b_t, made on the first mixed batch: torch's CPU bmm is ~1.5x
-    slower on transposed views (measured), while mm is not, so one-adapter steps use the views."""
+    """Contiguous copies of a_t and b_t, made on the first batch that needs them: torch's CPU bmm
+    is ~1.5x slower on transposed views (measured), while mm is not, so one-adapter steps on the
+    torch path use the views (the C kernels read dense_b)."""
     if w.dense_a is None:
         w.dense_a = w.a_t.contiguous()
     return w.dense_a, dense_b(w)
@@ -404,8 +406,8 @@ def _bind_kernel(y: torch.Tensor, x: torch.Tensor, w: FusedLora, output_slices: 
     a = w.a_t.transpose(1, 2)  # (slots, n_slices * rank, in): vLLM's own layout, unit stride in `in`
     if a.stride(2) != 1 or len(output_slices) != len(w.b_t) or sum(output_slices) > y.size(1):
         return None
-    args = k.slice_args(dense_b(w), output_slices)
-    call = w.buffers[("kernel", output_slices)] = k.bind_linear(a, args, round_out=y.dtype != torch.float32)
+    call = w.buffers[("kernel", output_slices)] = k.bind_linear(a, dense_b(w), output_slices,
+                                                                 round_out=y.dtype != torch.float32)
     return call
 
 

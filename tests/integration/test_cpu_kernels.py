@@ -21,16 +21,19 @@ def k():
     return cpu_kernels.load(strict=True)
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
-def kk(request, k, tmp_path_factory):
-    """The kernels as built for this CPU, and built without AVX-512 (the portable loops that CPUs
-    without it run), so both are checked here whatever this machine has."""
+@pytest.fixture(scope="module", params=["native", "avx512 without bf16", "portable"])
+def kk(request, k):
+    """The kernels as built for this CPU, built without AVX512_BF16 (bf16 through the portable
+    items, float32 through the blocked ones), and built without AVX-512 (the portable loops that
+    CPUs without it run): each is checked here whatever this machine has."""
     if request.param == "native":
         return k
-    path = cpu_kernels.build(flags=(*cpu_kernels.FLAGS, "-mno-avx512f"))
-    portable = cpu_kernels.CpuKernels(path)
-    assert portable.isa == "portable" and not portable.dpbf16 and not portable.blocked
-    return portable
+    extra = "-mno-avx512bf16" if request.param == "avx512 without bf16" else "-mno-avx512f"
+    built = cpu_kernels.CpuKernels(cpu_kernels.build(flags=(*cpu_kernels.FLAGS, extra)))
+    assert not built.dpbf16 and torch.bfloat16 not in built.blocked
+    if request.param == "portable":
+        assert built.isa == "portable" and not built.blocked
+    return built
 
 
 def segments(slots_of_rows: list[int]):
@@ -45,7 +48,8 @@ def segments(slots_of_rows: list[int]):
     return rows, torch.tensor(seg, dtype=torch.long).view(-1, 3)
 
 
-# Row -> slot (-1: no adapter). Segments of 1..9 rows cover the 4-row blocks and their remainders.
+# Row -> slot (-1: no adapter). Segments of 1..37 rows cover the 4-row blocks, the 16-row
+# shrink chunks and their remainders.
 MAPPINGS = {
     "mixed": [0, 1, 0, 2, 2, 1, 0, 2, 1, 0, 0, 0],
     "with -1": [-1, 3, 0, -1, 1, 2, 3, 3, 3, 3, 3],
@@ -142,7 +146,9 @@ def test_bf16_rounding_is_to_nearest_even_and_keeps_nan(kk):
     # One row, rank 1, K 1: buf = x * a exactly; y += buf * 1. y0 = 1, so the sum's rounding to
     # bf16 is torch's (round to nearest even) on values that sit exactly between two bf16s.
     rows, seg = segments([0])
-    steps = torch.tensor([2**-8, 3 * 2**-8, 2**-9, float("nan"), float("inf")])
+    # A NaN with every mantissa bit set: rounding it as a number would carry into the sign (-0).
+    nan_payload = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    steps = torch.cat([torch.tensor([2**-8, 3 * 2**-8, 2**-9, float("nan"), float("inf")]), nan_payload])
     for s in steps.tolist():
         x = torch.tensor([[1.0]], dtype=torch.bfloat16)
         a = torch.ones(1, 1, 1, dtype=torch.bfloat16)
@@ -214,23 +220,35 @@ def test_a_broken_source_is_a_build_error_with_the_compiler_output(tmp_path, mon
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bound_layer_call_equals_linear_and_grows_its_buffer(k, dtype):
-    # lora_ops binds each layer's call once (weights' pointers, slices' table, buffer) and calls it
-    # with rows of every step: the same results as linear(), for more rows than the first call had.
+def test_bound_layer_call_equals_linear(k, dtype):
+    # lora_ops binds each layer's call once (weights' pointers, slices' table) and calls it with
+    # rows of every step, its buffer the thread's float32 scratch: the same results as linear(),
+    # also for more rows than before and with another default dtype (vLLM sets the model's while
+    # it builds the model).
     slots, rank, k_in, n_out = 4, 8, 72, (300, 40, 40)
     g = torch.Generator().manual_seed(3)
     a = (torch.randn(slots, rank * len(n_out), k_in, generator=g) / k_in**0.5).to(dtype)
     bs = tuple((torch.randn(slots, rank, n, generator=g) / rank**0.5).to(dtype) for n in n_out)
-    args = k.slice_args(bs, n_out)
-    call = k.bind_linear(a, args, round_out=dtype == torch.bfloat16)
+    call = k.bind_linear(a, bs, n_out, round_out=dtype == torch.bfloat16)
     for idx in (MAPPINGS["singletons"], MAPPINGS["long"], MAPPINGS["mixed"]):
         rows, seg = segments(idx)
         x = torch.randn(len(idx), k_in, generator=g).to(dtype)
         y0 = torch.randn(len(idx), sum(n_out), generator=g).to(dtype)
         want, got = y0.clone(), y0.clone()
-        k.linear(want, x, a, args, rows, seg, 0.5, torch.empty(len(idx), a.size(1)), dtype == torch.bfloat16)
-        call(got, x, rows.data_ptr(), seg.data_ptr(), seg.size(0), 0.5)
+        k.linear(want, x, a, k.slice_args(bs, n_out), rows, seg, 0.5, torch.empty(len(idx), a.size(1)),
+                 dtype == torch.bfloat16)
+        default = torch.get_default_dtype()
+        if idx is MAPPINGS["long"]:  # the thread's scratch is made anew under a 16-bit default
+            cpu_kernels._scratch.__dict__.pop("buf", None)
+            torch.set_default_dtype(torch.bfloat16)
+        try:
+            call(got, x, rows.data_ptr(), seg.data_ptr(), seg.size(0), 0.5)
+        finally:
+            torch.set_default_dtype(default)
         assert torch.equal(got, want) and not torch.equal(got, y0)
-    assert call.buf.size(0) == len(MAPPINGS["long"])
+    _, buf = cpu_kernels.scratch(0)
+    assert buf.dtype == torch.float32 and buf.numel() >= len(MAPPINGS["long"]) * a.size(1)
     with pytest.raises(ValueError, match="bind_linear"):
-        k.bind_linear(a.transpose(1, 2), args, round_out=False)
+        k.bind_linear(a.transpose(1, 2), bs, n_out, round_out=False)
+    with pytest.raises(ValueError, match="rank 0"):
+        k.bind_linear(a[:, :0], tuple(b[:, :0] for b in bs), n_out, round_out=False)

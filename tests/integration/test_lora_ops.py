@@ -156,6 +156,30 @@ def test_fused_weights_follow_a_new_adapter_in_a_slot():
     torch.testing.assert_close(refreshed.a_t[0, :, :RANK], a[0][0, 0].T, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mapping", ["one adapter", "mixed"])
+def test_a_new_adapter_in_a_slot_is_what_the_next_step_applies(dtype, mapping, mixed_path):
+    # The C kernels read lora_ops' own copies (a_t, dense_b) through a call bound once per layer:
+    # after vLLM writes another adapter into the slot, the next step must apply the new one.
+    slices = (64, 16, 16)
+    idx = torch.tensor(MAPPINGS[mapping])
+    a, b = stacked(64, slices)
+    a, b = tuple(t.to(dtype) for t in a), tuple(t.to(dtype) for t in b)
+    x = torch.randn(len(idx), 64).to(dtype)
+    groups = lora_ops.group_tokens(idx)
+    fused = lora_ops.fuse_lora_weights(a, b, layout=(5, 7, 9, None))
+    lora_ops.lora_linear(torch.zeros(len(idx), 96, dtype=dtype), x, fused, 1.0, slices, groups)
+    for t in (*a, *b):  # vLLM's activate_adapter writes adapter 11 into slot 2
+        t[2].copy_(torch.randn_like(t[2]) / 4)
+    fused = lora_ops.fuse_lora_weights(a, b, fused, layout=(5, 7, 11, None))
+    want, got = torch.zeros(len(idx), 96, dtype=dtype), torch.zeros(len(idx), 96, dtype=dtype)
+    stock_lora_linear(want, x, a, b, 1.0, slices, idx)
+    lora_ops.lora_linear(got, x, fused, 1.0, slices, groups)
+    tol = 1e-5 if dtype == torch.float32 else 2 * 2**-7 * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.float(), want.float(), rtol=0 if dtype != torch.float32 else 1e-5, atol=tol)
+    assert kernel_ran(mixed_path, idx, dtype)
+
+
 @pytest.mark.parametrize("slices,dtype", [((64, 16, 16), torch.float32), ((64,), torch.float32),
                                           ((64, 16, 16), torch.bfloat16)])
 def test_fused_weights_refresh_only_the_slots_whose_adapter_changed(slices, dtype):
