@@ -202,32 +202,44 @@ async def measure_throughput(engine: Engine, handles: list, args: argparse.Names
 # ------------------------------------------------------------------ hot-load
 
 
+BIND_ATTEMPTS = 3
+
+
 def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir: Path,
                   cache_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, str]:
-    """`loraloop rollout` following "bench" (log in `workdir`); returns once its health check passes."""
+    """`loraloop rollout` following "bench" (log in `workdir`); returns once its health check passes.
+    The server binds its port only after its engine has started (~1 min), so a port free when
+    picked may be taken by then (seen once: another socket's ephemeral port): up to BIND_ATTEMPTS
+    ports are tried, each on a bind failure only."""
     from services.common.net import free_port, wait_healthy
 
-    port = free_port()
-    log_path = workdir / f"rollout-{port}.log"
-    env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
-           "LORALOOP_TOKEN": tokens["rollout"]}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
-             f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
-             f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", f"--log_level={log_level}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        port = free_port()
+        log_path = workdir / f"rollout-{port}.log"
+        env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
+               "LORALOOP_TOKEN": tokens["rollout"]}
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
+                 f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
+                 f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", f"--log_level={log_level}"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        target = f"127.0.0.1:{port}"
 
-    def still_alive() -> str | None:
-        return None if proc.poll() is None else f"rollout server exited:\n{log_path.read_text()[-4000:]}"
+        def still_alive(proc=proc, log_path=log_path) -> str | None:
+            return None if proc.poll() is None else f"rollout server exited:\n{log_path.read_text()[-4000:]}"
 
-    try:
-        wait_healthy(target, 300, still_alive)
-    except (RuntimeError, TimeoutError) as e:
-        _stop(proc)
-        raise SystemExit(f"rollout server did not start: {e}") from None
-    return proc, target
+        try:
+            wait_healthy(target, 300, still_alive)
+            return proc, target
+        except (RuntimeError, TimeoutError) as e:
+            _stop(proc)
+            if "Failed to bind to address" in log_path.read_text() and attempt < BIND_ATTEMPTS:
+                print(f"rollout server could not bind {target} (taken since it was picked); trying another port",
+                      file=sys.stderr)
+                continue
+            raise SystemExit(f"rollout server did not start: {e}") from None
+    raise AssertionError("unreachable")
 
 
 class RolloutStub:
