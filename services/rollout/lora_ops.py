@@ -120,8 +120,12 @@ def group_tokens(indices: torch.Tensor, previous: TokenGroups | None = None) -> 
     if previous is not None and previous.slots == slots and previous.device == indices.device:
         return previous
     g = _group_slots(slots, indices.device)
-    ptrs = None if g.seg_table is None else (g.order.data_ptr(), g.seg_table.data_ptr(), g.seg_table.size(0))
-    return replace(g, slots=slots, device=indices.device, kernel_ptrs=ptrs)
+    return replace(g, slots=slots, device=indices.device, kernel_ptrs=_kernel_ptrs(g))
+
+
+def _kernel_ptrs(g: TokenGroups) -> tuple[int, int, int] | None:
+    """What a kernel call needs of the groups: rows' and segments' data pointers, segment count."""
+    return None if g.seg_table is None else (g.order.data_ptr(), g.seg_table.data_ptr(), g.seg_table.size(0))
 
 
 def _group_slots(slots: list[int], device) -> TokenGroups:
@@ -381,18 +385,17 @@ def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: f
     float32 buffer, then each slice's expand straight into y's columns. False (caller falls back to
     torch ops) where they are not loaded or the layout is not theirs. For bf16 the shrink output
     is rounded to bf16, as the stock ops round theirs before the expand. What is the layer's (its
-    weights' pointers and strides, the buffer) is bound once, in w.buffers: a call costs ~4 us of
-    Python and ctypes, where passing every argument each time cost ~10 us."""
+    weights' pointers and strides, the slices' table) is bound once, in w.buffers: a call costs
+    ~5 us of Python, ctypes and OpenMP, where passing every argument each time cost ~10 us."""
     call = w.buffers.get(("kernel", output_slices))
     if call is None:
         call = _bind_kernel(y, x, w, output_slices)
         if call is None:
             return False
     if y.dtype != w.a_t.dtype or x.dtype != y.dtype or y.stride(1) != 1 or x.stride(1) != 1 \
-            or groups.segments[-1][0] >= w.a_t.size(0):
+            or groups.segments[-1][0] >= w.a_t.size(0) or y.size(1) < call.n_cols:
         return False
-    ptrs = groups.kernel_ptrs or (groups.order.data_ptr(), groups.seg_table.data_ptr(), groups.seg_table.size(0))
-    call(y, x, *ptrs, scale)
+    call(y, x, *(groups.kernel_ptrs or _kernel_ptrs(groups)), scale)
     return True
 
 
