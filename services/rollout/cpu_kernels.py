@@ -274,7 +274,6 @@ class BoundLinear:
                     *(args[i].data_ptr() for i in range(5)))
         self.round_out = 1 if round_out else 0
         self.width = a.size(1)
-        self.n_cols = int(args[3].sum())  # y must be at least this wide
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, rows_ptr: int, seg_ptr: int, nseg: int,
                  scale: float) -> None:

@@ -387,20 +387,22 @@ def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: f
     is rounded to bf16, as the stock ops round theirs before the expand. What is the layer's (its
     weights' pointers and strides, the slices' table) is bound once, in w.buffers: a call costs
     ~5 us of Python, ctypes and OpenMP, where passing every argument each time cost ~10 us."""
-    call = w.buffers.get(("kernel", output_slices))
-    if call is None:
-        call = _bind_kernel(y, x, w, output_slices)
-        if call is None:
+    bound = w.buffers.get(("kernel", output_slices))
+    if bound is None:
+        bound = _bind_kernel(y, x, w, output_slices)
+        if bound is None:
             return False
+    call, n_cols = bound
     if y.dtype != w.a_t.dtype or x.dtype != y.dtype or y.stride(1) != 1 or x.stride(1) != 1 \
-            or groups.segments[-1][0] >= w.a_t.size(0) or y.size(1) < call.n_cols:
+            or groups.segments[-1][0] >= w.a_t.size(0) or y.size(1) < n_cols:
         return False
     call(y, x, *(groups.kernel_ptrs or _kernel_ptrs(groups)), scale)
     return True
 
 
 def _bind_kernel(y: torch.Tensor, x: torch.Tensor, w: FusedLora, output_slices: tuple[int, ...]):
-    """The bound kernel call for this layer and output slices (None: not for the kernels)."""
+    """The bound kernel call for this layer and output slices, with the columns y must have
+    (None: not for the kernels)."""
     import torch
 
     k = cpu_kernels.loaded()
@@ -409,9 +411,9 @@ def _bind_kernel(y: torch.Tensor, x: torch.Tensor, w: FusedLora, output_slices: 
     a = w.a_t.transpose(1, 2)  # (slots, n_slices * rank, in): vLLM's own layout, unit stride in `in`
     if a.stride(2) != 1 or len(output_slices) != len(w.b_t) or sum(output_slices) > y.size(1):
         return None
-    call = w.buffers[("kernel", output_slices)] = k.bind_linear(a, dense_b(w), output_slices,
-                                                                 round_out=y.dtype != torch.float32)
-    return call
+    call = k.bind_linear(a, dense_b(w), output_slices, round_out=y.dtype != torch.float32)
+    bound = w.buffers[("kernel", output_slices)] = (call, sum(output_slices))
+    return bound
 
 
 def _lora_linear_per_group(y: torch.Tensor, xf: torch.Tensor, w: FusedLora, scale: float,
