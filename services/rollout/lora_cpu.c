@@ -180,6 +180,49 @@ static inline __mmask32 mask32(int64_t n) { /* the first n lanes (none for n <= 
 static inline __mmask16 mask16(int64_t n) {
     return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n > 0 ? n : 0)) - 1u);
 }
+
+/* Shrink item: one segment (rows[i0..i1)) x ranks r0 .. r0+3 of A (the slot's (R, K) rows), in
+ * blocks of 4 rows x 4 ranks: 16 accumulators of 16 float32 lanes, K in steps of KSTEP elements
+ * (one vector), DOT(acc, x, a) adding their products. Row and rank blocks shorter than 4 repeat
+ * their last member; only real ones are written, rounded to bf16 when ROUND. The accumulators
+ * are indexed with constants only (unrolled, guarded): indexed at run time, they would make the
+ * compiler keep the array in memory and store every accumulator on every step. */
+#define BLOCKED_SHRINK_FN(NAME, T, VT, KSTEP, MT, MASK, LOAD, DOT, ROUND)                         \
+    static void NAME(const T* x, int64_t ldx, const T* A, int64_t lda, int64_t R, int64_t K,     \
+                     const int64_t* rows, int64_t i0, int64_t i1, int64_t r0, float scale,       \
+                     float* out, int64_t ldo, int round_out) {                                   \
+        (void)round_out;                                                                         \
+        int64_t nr = R - r0 < 4 ? R - r0 : 4;                                                    \
+        const T* a[4];                                                                           \
+        for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;               \
+        for (int64_t i = i0; i < i1; i += 4) {                                                   \
+            int64_t ni = i1 - i < 4 ? i1 - i : 4;                                                \
+            const T* xr[4];                                                                      \
+            for (int p = 0; p < 4; ++p) xr[p] = x + rows[i + (p < ni ? p : ni - 1)] * ldx;       \
+            __m512 acc[4][4];                                                                    \
+            _Pragma("GCC unroll 4") for (int p = 0; p < 4; ++p)                                  \
+                _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps(); \
+            for (int64_t k = 0; k < K; k += KSTEP) {                                             \
+                MT m = MASK(K - k);                                                              \
+                VT av[4], xv;                                                                    \
+                if (i == i0 && r0 + 4 < R) /* the next rank block: the thread's next item */     \
+                    for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)                                \
+                        _mm_prefetch((const char*)(a[0] + (4 + q) * lda + k), _MM_HINT_T0);      \
+                _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) av[q] = LOAD(m, a[q] + k);   \
+                _Pragma("GCC unroll 4") for (int p = 0; p < 4; ++p) {                            \
+                    xv = LOAD(m, xr[p] + k);                                                     \
+                    _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q)                          \
+                        acc[p][q] = DOT(acc[p][q], xv, av[q]);                                   \
+                }                                                                                \
+            }                                                                                    \
+            _Pragma("GCC unroll 4") for (int p = 0; p < 4; ++p)                                  \
+                _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q)                              \
+                    if (p < ni && q < nr) {                                                      \
+                        float v = _mm512_reduce_add_ps(acc[p][q]) * scale;                       \
+                        out[rows[i + p] * ldo + r0 + q] = (ROUND) ? bf2f(f2bf(v)) : v;           \
+                    }                                                                            \
+        }                                                                                        \
+    }
 #endif
 
 static inline int64_t count_chunks(const int64_t* seg, int64_t nseg) {
@@ -226,49 +269,12 @@ static inline __m256i f2bf_v(__m512 v) {
 }
 
 
-/* Shrink item: one segment (rows[i0..i1)) x ranks r0 .. r0+3 of A (the slot's (R, K) rows). Row
- * and rank blocks shorter than 4 repeat their last member; only real ones are written. */
-static void shrink_dp(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t lda, int64_t R,
-                      int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
-                      float scale, float* out, int64_t ldo, int round_out) {
-    (void)round_out; /* always rounded: the bf16 entries call it only with round_out */
-    int64_t nr = R - r0 < 4 ? R - r0 : 4;
-    const uint16_t* a[4];
-    for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
-    for (int64_t i = i0; i < i1; i += 4) {
-        int64_t ni = i1 - i < 4 ? i1 - i : 4;
-        const uint16_t* xr[4];
-        for (int p = 0; p < 4; ++p) xr[p] = x + rows[i + (p < ni ? p : ni - 1)] * ldx;
-        __m512 acc[4][4];
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p)
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-            __mmask32 m = mask32(K - k);
-            __m512i av[4], xv;
-            if (i == i0 && r0 + 4 < R) /* the next rank block (the item after this one) */
-                for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)
-                    _mm_prefetch((const char*)(a[0] + (4 + q) * lda + k), _MM_HINT_T0);
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q) av[q] = _mm512_maskz_loadu_epi16(m, a[q] + k);
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; ++p) {
-                xv = _mm512_maskz_loadu_epi16(m, xr[p] + k);
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_dpbf16_ps(acc[p][q], as_bh(xv), as_bh(av[q]));
-            }
-        }
-        /* Constant indices only (unrolled, guarded): an acc[p][q] indexed at run time would make
-         * the compiler keep the array in memory and store every accumulator on every step. */
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p)
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q)
-                if (p < ni && q < nr)
-                    out[rows[i + p] * ldo + r0 + q] = bf2f(f2bf(_mm512_reduce_add_ps(acc[p][q]) * scale));
-    }
+static inline __m512 dot_bf16(__m512 acc, __m512i x, __m512i a) {
+    return _mm512_dpbf16_ps(acc, as_bh(x), as_bh(a)); /* acc += pairs of x * a, 16 float32 lanes */
 }
+/* Always rounded: the bf16 entries use it only with round_out. */
+BLOCKED_SHRINK_FN(shrink_dp, uint16_t, __m512i, 32, __mmask32, mask32, _mm512_maskz_loadu_epi16,
+                  dot_bf16, 1)
 
 /* Expand item: one segment x DP_COLS columns from n0 of a slice with N columns; B the slot's
  * (rank, N) rows (stride ldB), buf the rows' rank values (bf16-exact floats). */
@@ -354,46 +360,9 @@ static void expand_dp(uint16_t* y, int64_t ldy, const float* buf, int64_t ldb, c
  * block (16-lane partial sums over K), 4 rows x 64 columns per expand block (the rank loop in
  * order, as the portable expand: the same sums). */
 #ifdef LL_AVX512
-static void shrink_f32v(const float* x, int64_t ldx, const float* A, int64_t lda, int64_t R,
-                        int64_t K, const int64_t* rows, int64_t i0, int64_t i1, int64_t r0,
-                        float scale, float* out, int64_t ldo, int round_out) {
-    int64_t nr = R - r0 < 4 ? R - r0 : 4;
-    const float* a[4];
-    for (int q = 0; q < 4; ++q) a[q] = A + (r0 + (q < nr ? q : nr - 1)) * lda;
-    for (int64_t i = i0; i < i1; i += 4) {
-        int64_t ni = i1 - i < 4 ? i1 - i : 4;
-        const float* xr[4];
-        for (int p = 0; p < 4; ++p) xr[p] = x + rows[i + (p < ni ? p : ni - 1)] * ldx;
-        __m512 acc[4][4];
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p)
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 m = mask16(K - k);
-            __m512 av[4], xv;
-            if (i == i0 && r0 + 4 < R)
-                for (int q = 0; q < 4 && r0 + 4 + q < R; ++q)
-                    _mm_prefetch((const char*)(a[0] + (4 + q) * lda + k), _MM_HINT_T0);
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q) av[q] = _mm512_maskz_loadu_ps(m, a[q] + k);
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; ++p) {
-                xv = _mm512_maskz_loadu_ps(m, xr[p] + k);
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv, av[q], acc[p][q]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p)
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q)
-                if (p < ni && q < nr) {
-                    float v = _mm512_reduce_add_ps(acc[p][q]) * scale;
-                    out[rows[i + p] * ldo + r0 + q] = round_out ? bf2f(f2bf(v)) : v;
-                }
-    }
-}
+static inline __m512 dot_f32(__m512 acc, __m512 x, __m512 a) { return _mm512_fmadd_ps(x, a, acc); }
+BLOCKED_SHRINK_FN(shrink_f32v, float, __m512, 16, __mmask16, mask16, _mm512_maskz_loadu_ps, dot_f32,
+                  round_out)
 
 static void expand_f32v(float* y, int64_t ldy, const float* buf, int64_t ldb, const float* B,
                         int64_t ldB, int64_t rank, int64_t N, const int64_t* rows, int64_t i0,
