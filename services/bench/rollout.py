@@ -213,11 +213,13 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
     ports are tried, each on a bind failure only."""
     from services.common.net import free_port, wait_healthy
 
-    for attempt in range(1, BIND_ATTEMPTS + 1):
+    env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
+           "LORALOOP_TOKEN": tokens["rollout"]}
+    attempt = 0
+    while True:
+        attempt += 1
         port = free_port()
         log_path = workdir / f"rollout-{port}.log"
-        env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
-               "LORALOOP_TOKEN": tokens["rollout"]}
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
@@ -239,7 +241,6 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
                       file=sys.stderr)
                 continue
             raise SystemExit(f"rollout server did not start: {e}") from None
-    raise AssertionError("unreachable")
 
 
 class RolloutStub:
