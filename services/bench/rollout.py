@@ -205,9 +205,20 @@ async def measure_throughput(engine: Engine, handles: list, args: argparse.Names
 BIND_ATTEMPTS = 3
 
 
+def engine_flags(cfg) -> list[str]:
+    """`loraloop rollout` flags that give its engine the settings of `cfg` (an EngineConfig), so
+    the served path and the in-process floor run the same engine (dtype above all: a float32
+    server against a bfloat16 floor once cost the served side 5 ms per add_lora and 33 ms per
+    first token at the 0.5b shape)."""
+    keys = ("dtype", "max_model_len", "max_num_seqs", "max_loras", "max_cpu_loras", "max_lora_rank")
+    return [f"--engine.{k}={getattr(cfg, k)}" for k in keys]
+
+
 def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir: Path,
-                  cache_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, str]:
+                  cache_dir: Path, log_level: str = "WARNING",
+                  engine: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """`loraloop rollout` following "bench" (log in `workdir`); returns once its health check passes.
+    `engine`: extra `--engine.*` flags (see engine_flags; default: max_lora_rank only).
     The server binds its port only after its engine has started (~1 min), so a port free when
     picked may be taken by then (seen once: another socket's ephemeral port): up to BIND_ATTEMPTS
     ports are tried, each on a bind failure only."""
@@ -224,7 +235,7 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
                  f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
-                 f"--engine.max_lora_rank={RANK}", "--server.grace_s=1", f"--log_level={log_level}"],
+                 *(engine or [f"--engine.max_lora_rank={RANK}"]), "--server.grace_s=1", f"--log_level={log_level}"],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
         target = f"127.0.0.1:{port}"
 
@@ -498,7 +509,8 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
             # Hot-load publishes hotloads + 1 distinct adapters (identical bytes would dedupe).
             n_adapters = max(args.mixed, 2 + args.hotloads if shape in args.hotload_models else 1)
             adapters = make_adapters(model_dir, workdir / f"{shape}-adapters", list(range(n_adapters)))
-            engine = Engine(engine_config(model_dir, shape, args.seqs, args.tokens, args.mixed))
+            ecfg = engine_config(model_dir, shape, args.seqs, args.tokens, args.mixed)
+            engine = Engine(ecfg)
             t = time.perf_counter()
             await engine.start()
             start_s = time.perf_counter() - t
@@ -520,7 +532,7 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
                         broker_proc, broker = start_broker(redis_url, workdir, tokens, 200 * 2**20)
                         procs.append(broker_proc)
                     rollout_proc, target = start_rollout(model_dir, broker, tokens, workdir, shm / f"cache-{shape}",
-                                                         log_level="INFO")
+                                                         log_level="INFO", engine=engine_flags(ecfg))
                     procs.append(rollout_proc)
                     stub = RolloutStub(target, tokens["client"])
                     with BrokerClient(broker, tokens["learner"]) as pub, \

@@ -24,8 +24,10 @@ def started(monkeypatch, tmp_path):
     script: list[str] = []
     ports = iter(range(40001, 40010))
     calls: list[int] = []
+    cmds: list[list[str]] = []
 
     def popen(cmd, env, stdout, stderr):
+        cmds.append(cmd)
         line = script.pop(0)
         stdout.write(line.encode())
         stdout.flush()
@@ -42,11 +44,13 @@ def started(monkeypatch, tmp_path):
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
     monkeypatch.setattr(bench, "_stop", lambda proc: None)
 
-    def start(*lines):
+    def start(*lines, **kw):
         script.extend(lines)
-        return bench.start_rollout(tmp_path, "b:1", {"rollout": "t"}, tmp_path, tmp_path), calls
+        return bench.start_rollout(tmp_path, "b:1", {"rollout": "t"}, tmp_path, tmp_path, **kw), calls
 
+    start.cmds = cmds
     return start
+
 
 
 def test_a_port_taken_before_the_server_binds_it_is_replaced(started):
@@ -62,3 +66,17 @@ def test_bind_failures_stop_after_the_last_attempt(started):
 def test_any_other_failure_is_not_retried(started):
     with pytest.raises(SystemExit, match="bad model"):
         started("exit: bad model\n", "serving\n")
+
+
+def test_the_served_engine_gets_the_floor_engines_settings(started):
+    """The hot-load floor runs in-process on engine_config(...); the server must run the same
+    engine (a float32 server against a bfloat16 floor made the served side slower for nothing)."""
+    from services.common.config import load_config, parse_overrides
+    from services.rollout.config import ALIASES, RolloutConfig
+
+    cfg = bench.engine_config(bench.Path("/m"), "0.5b", seqs=64, tokens=128, mixed=8)
+    flags = bench.engine_flags(cfg)
+    served = load_config(RolloutConfig, None, parse_overrides(["--model=/m", *flags], ALIASES)).engine
+    assert served == cfg and served.dtype == "bfloat16"
+    started("serving\n", engine=flags)
+    assert all(f in started.cmds[-1] for f in flags)
