@@ -66,6 +66,7 @@ class Engine:
         # Environment first: vLLM reads these when its engine process starts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cfg.cpu_threads_bind)
+        os.environ.setdefault("LORALOOP_IDLE_SPIN_MS", f"{self.cfg.idle_spin_ms:g}")  # read by idle_spin.register
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
