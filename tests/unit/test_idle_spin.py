@@ -31,12 +31,12 @@ def spin_condition(monkeypatch, tmp_path):
     def make(is_reader: bool):
         return cls(is_reader=is_reader, context=ctx, notify_address=f"ipc://{tmp_path}/notify")
 
-    yield cls, make
+    yield make
     ctx.destroy(linger=0)
 
 
 def test_readers_spin_at_most_the_bound_and_writers_are_untouched(spin_condition):
-    cls, make = spin_condition
+    make = spin_condition
     assert make(True).busy_loop_s == 1  # vLLM 0.32's own: a second
     assert idle_spin.install(0.05)
     assert make(True).busy_loop_s == 0.05
