@@ -44,6 +44,11 @@ class RolloutStub:
                 request_serializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.SerializeToString,
                 response_deserializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.FromString,
                 _registered_method=True)
+        self.WatchAdapters = channel.unary_stream(
+                '/loraloop.v1.Rollout/WatchAdapters',
+                request_serializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.SerializeToString,
+                response_deserializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServicer:
@@ -61,6 +66,15 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAdapters(self, request, context):
+        """ListAdapters now, then again each time a version is loaded, unloaded or refused or a
+        name's latest moves (active_requests as of that moment; snapshots may coalesce changes).
+        Lets a client act on a new version the moment it serves, without polling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -71,6 +85,11 @@ def add_RolloutServicer_to_server(servicer, server):
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
+                    request_deserializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.FromString,
+                    response_serializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.SerializeToString,
+            ),
+            'WatchAdapters': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAdapters,
                     request_deserializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.FromString,
                     response_serializer=loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.SerializeToString,
             ),
@@ -127,6 +146,33 @@ class Rollout:
             request,
             target,
             '/loraloop.v1.Rollout/ListAdapters',
+            loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.SerializeToString,
+            loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraloop.v1.Rollout/WatchAdapters',
             loraloop_dot_v1_dot_rollout__pb2.ListLoadedRequest.SerializeToString,
             loraloop_dot_v1_dot_rollout__pb2.ListLoadedResponse.FromString,
             options,

@@ -35,12 +35,22 @@ class RolloutStub:
     def __new__(cls, channel: _aio.Channel) -> RolloutAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_rollout_pb2.GenerateRequest, _rollout_pb2.GenerateResponse]
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListLoadedRequest, _rollout_pb2.ListLoadedResponse]
+    WatchAdapters: _grpc.UnaryStreamMultiCallable[_rollout_pb2.ListLoadedRequest, _rollout_pb2.ListLoadedResponse]
+    """ListAdapters now, then again each time a version is loaded, unloaded or refused or a
+    name's latest moves (active_requests as of that moment; snapshots may coalesce changes).
+    Lets a client act on a new version the moment it serves, without polling.
+    """
 
 @_typing.type_check_only
 class RolloutAsyncStub(RolloutStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_rollout_pb2.GenerateRequest, _rollout_pb2.GenerateResponse]  # type: ignore[assignment]
     ListAdapters: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListLoadedRequest, _rollout_pb2.ListLoadedResponse]  # type: ignore[assignment]
+    WatchAdapters: _aio.UnaryStreamMultiCallable[_rollout_pb2.ListLoadedRequest, _rollout_pb2.ListLoadedResponse]  # type: ignore[assignment]
+    """ListAdapters now, then again each time a version is loaded, unloaded or refused or a
+    name's latest moves (active_requests as of that moment; snapshots may coalesce changes).
+    Lets a client act on a new version the moment it serves, without polling.
+    """
 
 class RolloutServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -56,5 +66,16 @@ class RolloutServicer(metaclass=_abc_1.ABCMeta):
         request: _rollout_pb2.ListLoadedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.ListLoadedResponse, _abc.Awaitable[_rollout_pb2.ListLoadedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchAdapters(
+        self,
+        request: _rollout_pb2.ListLoadedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rollout_pb2.ListLoadedResponse], _abc.AsyncIterator[_rollout_pb2.ListLoadedResponse]]:
+        """ListAdapters now, then again each time a version is loaded, unloaded or refused or a
+        name's latest moves (active_requests as of that moment; snapshots may coalesce changes).
+        Lets a client act on a new version the moment it serves, without polling.
+        """
 
 def add_RolloutServicer_to_server(servicer: RolloutServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,11 +8,13 @@
    LoRA-enabled engine: vLLM V1 skips the LoRA kernels for a batch with no adapter in it
    (`PunicaWrapperCPU` no_lora), so it is the base model's own speed.
 2. Hot-load latency: a real redis-server, broker and `loraloop rollout` server following
-   "bench". Each of K rounds publishes a new version, polls ListAdapters (every 1 ms) until the
-   server reports it latest, then opens Generate on "bench" and stops the clock at its first
-   token, checking the response names the new version. Polling first rather than firing Generate
-   in a loop keeps the server's event loop free while it loads (a retried Generate would queue
-   behind the load it waits for) and splits the time into "visible" and "first token". Two
+   "bench". Each of K rounds opens WatchAdapters, publishes a new version, reads the stream until
+   the server reports it latest, then opens Generate on "bench" and stops the clock at its first
+   token, checking the response names the new version. Waiting for the server to say so rather
+   than firing Generate in a loop keeps the server free while it loads (a retried Generate would
+   queue behind the load it waits for) and splits the time into "visible" and "first token";
+   the watch stream costs nothing while the server loads (polling ListAdapters did: every 5 ms it
+   saw a tiny-model version ~5.3 ms late, every 1 ms its load slowed the 25m server's). Two
    definitions, each against its own floor measured in the same round on the same bytes:
    (a) publish call start -> first token; floor = BrokerClient.fetch of that version plus the
        in-process Engine.add_lora of it (the upload and the first generation are not in it);
@@ -64,11 +66,6 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # fp32 for the small shapes; the 0.5b shape in bf16 (the CPU has AVX-512 bf16, and fp32 doubles
 # the bytes every decode step reads).
 DTYPES = {"tiny": "float32", "25m": "float32", "0.5b": "bfloat16"}
-# ListAdapters is polled this often for the new version. At 5 ms the polls fell into step with
-# the load (first poll just after the ack, the next ones 5 ms apart) and a tiny-model sample
-# saw `latest` move ~5.3 ms (median) after it had; at 1 ms that is ~1.1 ms, while the polls
-# (~0.3 ms each) leave the server's own fetch ~0.5 ms slower for a 0.27 MB adapter.
-POLL_S = 0.001
 CONDITIONS = ("base", "one", "mixed")
 
 
@@ -271,9 +268,23 @@ class RolloutStub:
         self.stub = pbg.RolloutStub(self.channel)
         self.md = (("authorization", f"Bearer {token}"),)
 
-    def latest(self, name: str) -> int:
-        r = self.stub.ListAdapters(self.pb.ListLoadedRequest(), metadata=self.md, timeout=10)
-        return max((a.version for a in r.adapters if a.name == name and a.latest), default=0)
+    @staticmethod
+    def _latest(snapshot, name: str) -> int:
+        return max((a.version for a in snapshot.adapters if a.name == name and a.latest), default=0)
+
+    def watch(self, name: str, timeout_s: float):
+        """Open WatchAdapters and return (call, wait): `wait(v)` blocks until the server reports
+        name@v latest (the first snapshot, read here, is the state before anything is published)."""
+        call = self.stub.WatchAdapters(self.pb.ListLoadedRequest(), metadata=self.md, timeout=timeout_s)
+        next(call)
+
+        def wait(version: int) -> None:
+            for snap in call:
+                if self._latest(snap, name) == version:
+                    return
+            raise RuntimeError(f"WatchAdapters ended before {name}@v{version} became latest")
+
+        return call, wait
 
     def first_token(self, adapter: str) -> int:
         """Open Generate (1 token, greedy) and return the adapter version of its first token."""
@@ -298,7 +309,7 @@ class HotLoad:
 
     version: int
     publish_call: float  # publish call start -> commit ack (upload to the broker; not in the floor)
-    visible: float  # publish call start -> ListAdapters reports it latest
+    visible: float  # publish call start -> WatchAdapters reports it latest
     served: float  # publish call start -> first token of a Generate that reports it
     fetch: float  # floor: BrokerClient.fetch of the version
     add_lora: float  # floor: in-process Engine.add_lora of it
@@ -324,6 +335,7 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
                           rollout: RolloutStub, pub: BrokerClient, reader: BrokerClient, shm: Path,
                           next_id: int) -> dict:
     """Round 0 (untimed) warms the path; rounds 1..hotloads are timed. See the module docstring."""
+    import grpc
     from tqdm import tqdm
 
     from services.common.fingerprint import model_fingerprint
@@ -335,15 +347,18 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
     samples: list[HotLoad] = []
     retries = 0
     for k in tqdm(range(hotloads + 1), desc=f"hot-load {model_dir.name}", disable=None, leave=False):
+        call, wait_latest = rollout.watch("bench", timeout_s=120)
         t0 = time.perf_counter()
-        rec, _ = pub.publish_dir("bench", epoch, adapters[k % len(adapters)], fingerprint, learner_step=k)
-        t_ack = time.perf_counter()
         deadline = t0 + 120
-        while rollout.latest("bench") != rec.version:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"bench@v{rec.version} never became latest on the rollout server")
-            time.sleep(POLL_S)
-        t_vis = time.perf_counter()
+        try:
+            rec, _ = pub.publish_dir("bench", epoch, adapters[k % len(adapters)], fingerprint, learner_step=k)
+            t_ack = time.perf_counter()
+            wait_latest(rec.version)
+            t_vis = time.perf_counter()
+        except grpc.RpcError as e:  # the watch's deadline passed (or the server went away)
+            raise RuntimeError(f"the rollout server never reported the new version latest ({e.code().name})") from None
+        finally:
+            call.cancel()
         while (got := rollout.first_token("bench")) != rec.version:
             retries += 1
             if time.perf_counter() > deadline:
@@ -382,7 +397,7 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
     served, floor = q([s.served for s in samples]), q([s.floor for s in samples])
     from_ack, floor_b = q([s.served_from_ack for s in samples]), q([s.floor_with_first_token for s in samples])
     return {
-        "model": model_dir.name, "loads": len(samples), "poll_ms": POLL_S * 1000,
+        "model": model_dir.name, "loads": len(samples), "visible_by": "WatchAdapters",
         "adapter_bytes": (adapters[0] / "adapter_model.safetensors").stat().st_size,
         "served_ms": served, "floor_ms": floor,
         "ratio_p50": served["p50"] / floor["p50"], "ratio_p95": served["p95"] / floor["p95"],
@@ -460,8 +475,8 @@ def report(result: dict) -> str:
         g = GOAL_HOTLOAD_RATIO
         lines += [
             "",
-            f"hot-load: time to the first token of a Generate reporting the new version (ListAdapters polled every "
-            f"{POLL_S * 1000:g} ms), ms",
+            "hot-load: time to the first token of a Generate reporting the new version (WatchAdapters "
+            "tells when it is latest), ms",
             "(a) from the publish call's start; floor (a) = BrokerClient.fetch + in-process Engine.add_lora",
             "(b) from the broker's commit ack;  floor (b) = fetch + add_lora + first 1-token generate with it in-process",
             f"{'':>15} | {'(a) served':^13} {'floor (a)':^13} {'ratio (a)':^16} | "
@@ -480,7 +495,7 @@ def report(result: dict) -> str:
                 f"{cols(h['served_ms'], h['floor_ms'], h['ratio_p50'], h['ratio_p95'])} | "
                 f"{cols(h['served_from_ack_ms'], h['floor_with_first_token_ms'], h['from_ack_ratio_p50'], h['from_ack_ratio_p95'])}")
         lines += ["", "parts, p50 ms: publish = the upload call (start -> commit ack); visible = publish start -> "
-                  "ListAdapters shows it latest;", "fetch, add_lora, 1st tok = the floors' parts (in-process)"]
+                  "WatchAdapters shows it latest;", "fetch, add_lora, 1st tok = the floors' parts (in-process)"]
         lines.append(f"{'model':>6} | {'publish':>7} {'visible':>7} {'fetch':>6} {'add_lora':>8} {'1st tok':>7}")
         for h in result["hotload"]:
             p = h["parts_ms"]

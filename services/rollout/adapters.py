@@ -149,6 +149,23 @@ class AdapterManager:
         # followed from then on (its @latest keeps moving). The server wires the follower here.
         self.on_first_use = lambda name: None
         self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
+        # Set (and replaced by a fresh one) whenever loaded, refused or latest change: what
+        # WatchAdapters waits on. Created lazily, on the event loop that first asks for it.
+        self._changed: asyncio.Event | None = None
+
+    # ------------------------------------------------------------ change notification
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change of loaded, refused or latest (take it before reading
+        the state, then wait on it: a change in between is not missed)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     # ------------------------------------------------------------ loading
 
@@ -225,6 +242,7 @@ class AdapterManager:
             path = await asyncio.to_thread(self._check_and_cache, record, data, fetched_to)
         except AdapterRefused as e:
             self.refused[key] = str(e)
+            self._notify()
             log.error("refused adapter: %s", e)
             raise
         handle = LoraHandle(record.ref, self._next_id, str(path))
@@ -235,11 +253,13 @@ class AdapterManager:
         except RuntimeError as e:
             shutil.rmtree(path, ignore_errors=True)
             self.refused[key] = str(e)
+            self._notify()
             log.error("refused adapter %s: %s", record.ref, e)
             raise AdapterRefused(str(e)) from None
         lv = LoadedVersion(record, handle)
         self.loaded[key] = lv
         self.loads += 1
+        self._notify()
         t2 = time.perf_counter()
         log.info("loaded %s (lora id %d, %d bytes; fetch %.1f ms, check + cache %.1f ms, engine %.1f ms)",
                  record.ref, handle.lora_id, record.size_bytes, fetch_s * 1e3, (t1 - t0) * 1e3,
@@ -274,6 +294,7 @@ class AdapterManager:
             return
         if record.version > self.latest.get(record.name, 0):
             self.latest[record.name] = record.version
+            self._notify()
             log.info("%s@latest is now v%d", record.name, record.version)
         await self._unload_drained(record.name)
 
@@ -318,6 +339,7 @@ class AdapterManager:
         for key, lv in list(self.loaded.items()):
             if key[0] == name and key[1] != latest and lv.active == 0:
                 del self.loaded[key]
+                self._notify()
                 await self.engine.remove_lora(lv.handle)
                 shutil.rmtree(lv.handle.path, ignore_errors=True)
                 log.info("unloaded %s (drained)", lv.record.ref)

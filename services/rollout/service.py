@@ -1,4 +1,4 @@
-"""The Rollout gRPC service (Generate, ListAdapters) and the process that runs it: one vLLM
+"""The Rollout gRPC service (Generate, ListAdapters, WatchAdapters) and the process that runs it: one vLLM
 engine, the adapter manager and follower, and optionally the training loop."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from services.rollout.follower import Follower
 log = logging.getLogger(__name__)
 SERVICE = "loraloop.v1.Rollout"
 _ANY = frozenset({"client", "learner", "rollout"})
-ROLES_OF_METHOD = {f"/{SERVICE}/Generate": _ANY, f"/{SERVICE}/ListAdapters": _ANY}
+ROLES_OF_METHOD = {f"/{SERVICE}/Generate": _ANY, f"/{SERVICE}/ListAdapters": _ANY,
+                   f"/{SERVICE}/WatchAdapters": _ANY}
 MAX_N = 64
 
 
@@ -86,6 +87,15 @@ class RolloutServicer(pb_grpc.RolloutServicer):
                 )
 
     async def ListAdapters(self, request: pb.ListLoadedRequest, context) -> pb.ListLoadedResponse:
+        return self._snapshot()
+
+    async def WatchAdapters(self, request: pb.ListLoadedRequest, context) -> AsyncIterator[pb.ListLoadedResponse]:
+        while True:
+            changed = self.manager.changed()  # before the snapshot: no change slips in between
+            yield self._snapshot()
+            await changed.wait()
+
+    def _snapshot(self) -> pb.ListLoadedResponse:
         m = self.manager
         return pb.ListLoadedResponse(
             adapters=[pb.LoadedAdapter(name=n, version=v, active_requests=lv.active,

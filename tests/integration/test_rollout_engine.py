@@ -16,7 +16,7 @@ from services.broker.client import BrokerClient
 from tests.support.peft_adapters import make_peft_adapter, peft_reference
 from tests.support.procs import TOKENS
 from tests.support.proctree import descendants
-from tests.support.rollout_client import generate, list_adapters
+from tests.support.rollout_client import AdapterWatch, generate, list_adapters
 
 PROMPT = [1, 6, 13, 11, 14]  # "<bos>3+8=" in the tiny model's character vocabulary
 # fp32 on both sides; vLLM's CPU kernels (oneDNN matmuls, its own attention) sum in another
@@ -228,3 +228,26 @@ def test_an_idle_engine_does_not_spin(rollout_stack):
     time.sleep(1.0)
     used = _cpu_s(pids) - before
     assert used < 0.25, f"rollout server used {used:.2f} s of CPU in 1 s while idle"
+
+
+def _latest(snap, name: str) -> int:
+    return max((a.version for a in snap.adapters if a.name == name and a.latest), default=0)
+
+
+def test_watch_adapters_reports_each_version_as_it_starts_serving(rollout_stack, tmp_path):
+    """WatchAdapters: the current state at once, then a snapshot when a version loads on first
+    use and when the follower hot-loads the next one (no request involved)."""
+    s = rollout_stack
+    watch = AdapterWatch(s.rollout.target)
+    try:
+        first = watch.until(lambda snap: True, timeout=30)
+        assert _latest(first, "watched") == 0 and first.base_model_fingerprint == s.fingerprint
+        publish(s, "watched", make_peft_adapter(s.model, tmp_path / "w1", seed=50))
+        assert generate(s.rollout.target, PROMPT, "watched", max_tokens=2).versions == {("watched", 1)}
+        watch.until(lambda snap: _latest(snap, "watched") == 1)
+        publish(s, "watched", make_peft_adapter(s.model, tmp_path / "w2", seed=51))  # followed since first use
+        snap = watch.until(lambda snap: _latest(snap, "watched") == 2)
+        assert any(a.name == "watched" and a.version == 2 and a.followed for a in snap.adapters)
+        assert generate(s.rollout.target, PROMPT, "watched", max_tokens=2).versions == {("watched", 2)}
+    finally:
+        watch.close()

@@ -33,3 +33,45 @@ def generate(target: str, prompt_ids: list[int], adapter: str = "", max_tokens: 
 def list_adapters(target: str) -> pb.ListLoadedResponse:
     with grpc.insecure_channel(target) as ch:
         return pbg.RolloutStub(ch).ListAdapters(pb.ListLoadedRequest(), metadata=MD, timeout=10)
+
+
+class AdapterWatch:
+    """WatchAdapters read on a thread: `until(pred, timeout)` returns the first snapshot that
+    satisfies `pred` (snapshots before it are dropped) or raises AssertionError on timeout."""
+
+    def __init__(self, target: str) -> None:
+        import queue
+        import threading
+
+        self.channel = grpc.insecure_channel(target)
+        self.call = pbg.RolloutStub(self.channel).WatchAdapters(pb.ListLoadedRequest(), metadata=MD, timeout=300)
+        self.q: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for snap in self.call:
+                self.q.put(snap)
+        except grpc.RpcError as e:
+            self.q.put(e)
+
+    def until(self, pred, timeout: float = 60) -> pb.ListLoadedResponse:
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                snap = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("no WatchAdapters snapshot satisfied the condition in time") from None
+            if isinstance(snap, grpc.RpcError):
+                raise AssertionError(f"WatchAdapters ended: {snap}")
+            if pred(snap):
+                return snap
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.channel.close()
+        self.thread.join(10)

@@ -285,3 +285,29 @@ def test_a_head_of_the_bytes_is_only_checked_once_verified():
         check_adapter(rec, head, base, sha256_verified=True, size=len(data) - 1)
     with pytest.raises(ValueError, match="verified"):
         check_adapter(rec, head, base, size=len(data))
+
+
+def test_changes_set_the_changed_event(setup):
+    """WatchAdapters waits on manager.changed(): set by a load, a move of latest, a refusal and
+    an unload; not by a request that only uses what is loaded."""
+    _engine, broker, m = setup
+
+    async def scenario():
+        ev = m.changed()
+        assert m.changed() is ev and not ev.is_set()  # one event until something changes
+        await m.on_published(broker.publish("p", 1))
+        assert ev.is_set() and m.changed() is not ev
+        ev = m.changed()
+        async with m.acquire("p"):
+            pass
+        assert not ev.is_set()  # using v1 changed nothing
+        async with m.acquire("p"):
+            await m.on_published(broker.publish("p", 2))  # loaded + latest (v1 still held)
+            assert ev.is_set()
+            ev = m.changed()
+        assert ev.is_set() and set(m.loaded) == {("p", 2)}  # v1 unloaded once drained
+        ev = m.changed()
+        await m.on_published(broker.publish("p", 3, rank=32))
+        assert ev.is_set() and ("p", 3) in m.refused
+
+    run(scenario())
