@@ -55,7 +55,9 @@ def install(limit_s: float) -> bool:
         log.warning("idle spin not bounded: vLLM's SpinCondition(%s) has no busy_loop_s/is_reader",
                     ", ".join(params))
         return False
-    stock = getattr(SpinCondition.__init__, "__wrapped__", SpinCondition.__init__)
+    stock = SpinCondition.__init__
+    if hasattr(stock, _PATCHED):  # ours from an earlier install: wrap vLLM's own, not ours again
+        stock = stock.__wrapped__
 
     @functools.wraps(stock)
     def __init__(self, *args, **kwargs):

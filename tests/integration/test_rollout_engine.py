@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -15,7 +14,7 @@ from safetensors.numpy import save
 from services.broker.client import BrokerClient
 from tests.support.peft_adapters import make_peft_adapter, peft_reference
 from tests.support.procs import TOKENS
-from tests.support.proctree import descendants
+from tests.support.proctree import cpu_seconds, descendants
 from tests.support.rollout_client import AdapterWatch, generate, list_adapters
 
 PROMPT = [1, 6, 13, 11, 14]  # "<bos>3+8=" in the tiny model's character vocabulary
@@ -202,18 +201,6 @@ def test_refused_adapters_and_serving_goes_on(rollout_stack, tmp_path):
     assert generate(target, PROMPT, "", max_tokens=2).versions == {("", 0)}  # base still served
 
 
-def _cpu_s(pids: set[int]) -> float:
-    """utime + stime of these processes (seconds; ones that are gone count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
-        except OSError:
-            continue
-        total += int(f[11]) + int(f[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def test_an_idle_engine_does_not_spin(rollout_stack):
     """vLLM's engine processes busy-wait 1 s after each message (its SpinCondition); on a 2-core
     machine that took a core from the broker and learner after every Generate. idle_spin bounds
@@ -224,9 +211,9 @@ def test_an_idle_engine_does_not_spin(rollout_stack):
     pids = {s.rollout.proc.pid} | descendants(s.rollout.proc.pid)
     generate(s.rollout.target, PROMPT, max_tokens=2)
     time.sleep(0.3)
-    before = _cpu_s(pids)
+    before = cpu_seconds(pids)
     time.sleep(1.0)
-    used = _cpu_s(pids) - before
+    used = cpu_seconds(pids) - before
     assert used < 0.25, f"rollout server used {used:.2f} s of CPU in 1 s while idle"
 
 

@@ -30,6 +30,18 @@ def descendants(root: int) -> set[int]:
     return out
 
 
+def cpu_seconds(pids: set[int]) -> float:
+    """utime + stime of these processes (seconds; ones that are gone count 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(stat[11]) + int(stat[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

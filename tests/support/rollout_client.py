@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+
 import grpc
 
 from loraloop.v1 import rollout_pb2 as pb
@@ -40,9 +44,6 @@ class AdapterWatch:
     satisfies `pred` (snapshots before it are dropped) or raises AssertionError on timeout."""
 
     def __init__(self, target: str) -> None:
-        import queue
-        import threading
-
         self.channel = grpc.insecure_channel(target)
         self.call = pbg.RolloutStub(self.channel).WatchAdapters(pb.ListLoadedRequest(), metadata=MD, timeout=300)
         self.q: queue.Queue = queue.Queue()
@@ -57,9 +58,6 @@ class AdapterWatch:
             self.q.put(e)
 
     def until(self, pred, timeout: float = 60) -> pb.ListLoadedResponse:
-        import queue
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             try:
