@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.common import scratch
 from services.common.errors import FailedPrecondition, InvalidArgument, LoraloopError, NotFound
 from services.common.fingerprint import (
     model_fingerprint,
@@ -129,10 +130,13 @@ class LoadedVersion:
     active: int = 0
 
 
+CACHE_PREFIX = "loraloop-adapters-"
+
+
 def default_cache_dir() -> Path:
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="loraloop-adapters-", dir=root))
+    """A new cache dir in RAM where there is /dev/shm; those of rollout servers that died
+    (SIGKILL, OOM) are removed first, so replaced replicas do not pile adapters up in RAM."""
+    return scratch.claim(scratch.ram_or_temp(), CACHE_PREFIX)
 
 
 class AdapterManager:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from services.common import scratch
 from services.common.errors import InvalidArgument
 from services.rollout.config import EngineConfig
 
@@ -57,13 +61,58 @@ class SampleDelta:
     finish_reason: str = ""
 
 
+IPC_PREFIX = "loraloop-vllm-"
+_OURS = "LORALOOP_VLLM_RPC_DIR"  # set beside VLLM_RPC_BASE_PATH when this module chose it
+
+
+class _IpcDir:
+    """Where vLLM binds its ZMQ IPC sockets (VLLM_RPC_BASE_PATH, by default the temp dir itself).
+
+    vLLM leaves seven socket files in it per engine, even after a clean shutdown, and more when
+    a process is killed: ~3,500 in /tmp after a day of this project's tests. Unless the user
+    chose the path, each process's engines bind in a directory of their own (`scratch.claim`),
+    removed when its last engine shuts down, and swept by the next claim if the process died.
+    A value inherited from a loraloop parent process (the bench, a launcher) is not the user's
+    choice: the child claims its own directory."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.users = 0
+
+    def acquire(self) -> None:
+        if self.path is None:
+            env = os.environ.get("VLLM_RPC_BASE_PATH")
+            if env is not None and env != os.environ.get(_OURS):
+                return  # the user's choice; never removed by us
+            self.path = scratch.claim(tempfile.gettempdir(), IPC_PREFIX)
+            os.environ["VLLM_RPC_BASE_PATH"] = os.environ[_OURS] = str(self.path)
+        self.users += 1
+
+    def release(self) -> None:
+        if self.path is None:
+            return
+        self.users -= 1
+        if self.users <= 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+            os.environ.pop(_OURS, None)
+            self.path, self.users = None, 0
+
+
+_ipc_dir = _IpcDir()
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
         self.llm = None
+        self._ipc = False
 
     async def start(self) -> None:
         # Environment first: vLLM reads these when its engine process starts.
+        if not self._ipc:
+            _ipc_dir.acquire()
+            self._ipc = True
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cfg.cpu_threads_bind)
         os.environ.setdefault("LORALOOP_IDLE_SPIN_MS", f"{self.cfg.idle_spin_ms:g}")  # read by idle_spin.register
@@ -80,7 +129,11 @@ class Engine:
             # Behaviour log-probs of the distribution actually sampled from (after temperature).
             logprobs_mode="processed_logprobs",
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        try:
+            self.llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            self.shutdown()
+            raise
         log.info("engine started for %s", self.cfg.model)
 
     def _lora_request(self, lora: LoraHandle | None):
@@ -141,3 +194,6 @@ class Engine:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+        if self._ipc:
+            _ipc_dir.release()
+            self._ipc = False

@@ -117,39 +117,41 @@ async def run(cfg: RolloutConfig) -> None:
     token = os.environ.get(cfg.token_env)
     broker = BrokerClient(cfg.broker, token)
     engine = Engine(cfg.engine)
-    await engine.start()
-    base = BaseModel.from_dir(cfg.engine.model, cfg.engine.max_lora_rank)
-    cache = Path(cfg.adapters.dir) if cfg.adapters.dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    manager = AdapterManager(engine, broker, base, cache)
-    follower = Follower(broker, manager, asyncio.get_running_loop())
-    manager.on_first_use = lambda name: follower.follow(name, manager.latest.get(name, 0))
-    for name in cfg.adapters.follow:
-        await catch_up(manager, follower, name)
-    codec = TokenCodec(cfg.engine.model)
-    worker_task = None
-    if cfg.learner:
-        from services.rollout.worker import RolloutWorker
-
-        worker = RolloutWorker(cfg, engine, manager, codec, token,
-                               cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}")
-        worker_task = asyncio.create_task(worker.run())
-
-    def started(port: int) -> None:
-        print(f"loraloop rollout listening on {cfg.server.host}:{port} (base {base.fingerprint[:19]}…)", flush=True)
-
-    async def stopping() -> None:
-        if worker_task:
-            worker_task.cancel()
-        follower.stop()
-
+    manager = None
     try:
+        await engine.start()
+        base = BaseModel.from_dir(cfg.engine.model, cfg.engine.max_lora_rank)
+        cache = Path(cfg.adapters.dir) if cfg.adapters.dir else default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        manager = AdapterManager(engine, broker, base, cache)
+        follower = Follower(broker, manager, asyncio.get_running_loop())
+        manager.on_first_use = lambda name: follower.follow(name, manager.latest.get(name, 0))
+        for name in cfg.adapters.follow:
+            await catch_up(manager, follower, name)
+        codec = TokenCodec(cfg.engine.model)
+        worker_task = None
+        if cfg.learner:
+            from services.rollout.worker import RolloutWorker
+
+            worker = RolloutWorker(cfg, engine, manager, codec, token,
+                                   cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}")
+            worker_task = asyncio.create_task(worker.run())
+
+        def started(port: int) -> None:
+            print(f"loraloop rollout listening on {cfg.server.host}:{port} (base {base.fingerprint[:19]}…)", flush=True)
+
+        async def stopping() -> None:
+            if worker_task:
+                worker_task.cancel()
+            follower.stop()
+
         await serve([Registration(pb_grpc.add_RolloutServicer_to_server,
                                   RolloutServicer(engine, manager, codec, cfg), SERVICE)],
                     cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, on_started=started, on_stopping=stopping)
     finally:
-        engine.shutdown()
-        manager.close()
+        engine.shutdown()  # also when the start failed: its children and sockets go too
+        if manager is not None:
+            manager.close()
         broker.close()
         reap_children()
 

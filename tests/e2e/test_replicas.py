@@ -12,7 +12,7 @@ import time
 
 from services.learner.metrics import read_metrics
 from tests.support.procs import free_port
-from tests.support.proctree import alive, descendants
+from tests.support.proctree import alive, descendants, scratch_dirs
 
 STEPS = 200
 
@@ -60,6 +60,9 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
         assert up.returncode == 0, out[-3000:]
         assert "rollout-0 exited" in out and "starting a replacement" in out
         assert not [p for p in seen if alive(p)], "processes left running (orphaned engines?)"
+        # The victim's adapter cache (RAM) and vLLM socket dir are swept by its replacement;
+        # every other replica removed its own at exit.
+        assert victim in seen and not scratch_dirs(seen | {up.pid}), scratch_dirs(seen | {up.pid})
     finally:
         if up.poll() is None:
             up.kill()
@@ -72,6 +75,7 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
             while any(alive(p) for p in tree) and time.monotonic() < grace:
                 time.sleep(0.2)
             assert not [p for p in tree if alive(p)], "processes left running"
+            assert not scratch_dirs(tree | {extra.pid}), "scratch dirs left behind"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     text = (tmp_path / "extra-rollout.log").read_text()

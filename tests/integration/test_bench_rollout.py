@@ -5,6 +5,7 @@ benchmark, not the engine."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ def test_bench_rollout_quick_writes_figures(tmp_path: Path) -> None:
         assert s["floor"] == s["fetch"] + s["add_lora"]
         assert s["served_from_ack"] == s["served"] - s["publish_call"] > 0
         assert s["floor_with_first_token"] == s["fetch"] + s["add_lora"] + s["inproc_first_token"]
+    ideal = statistics.median(s["floor_with_first_token"] / s["floor"] for s in h["samples"])
+    assert h["ideal_ratio_a_p50"] == ideal > 1 and "ideal (a)" in proc.stdout
     assert [s["version"] for s in h["samples"]] == sorted({s["version"] for s in h["samples"]})
     assert set(result["goals"]["met"]) == {"one_over_base", "mixed_over_one", "hotload_ratio",
                                            "hotload_from_ack_ratio"}

@@ -48,3 +48,20 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def scratch_dirs(pids: set[int]) -> list[Path]:
+    """`services.common.scratch` dirs (vLLM sockets, adapter caches) owned by any of `pids`."""
+    import re
+    import tempfile
+
+    from services.common import scratch
+
+    own = re.compile(r"loraloop-[a-z-]+?-" + scratch.pid_namespace() + r"-(\d+)-")
+    out = []
+    for base in {Path(tempfile.gettempdir()), scratch.ram_or_temp()}:
+        for d in base.glob("loraloop-*"):
+            m = own.match(d.name)
+            if m and int(m.group(1)) in pids:
+                out.append(d)
+    return out

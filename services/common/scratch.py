@@ -1,0 +1,83 @@
+"""Scratch directories that do not outlive their process.
+
+A rollout server keeps adapter bytes in /dev/shm (RAM) and vLLM binds its ZMQ sockets in the
+temp dir. Removed at a clean exit, they stay behind when a process is SIGKILLed or crashes --
+and a fleet that replaces dead replicas would fill RAM and /tmp with them. So such a directory
+is named after its owner, `<prefix><pid-namespace>-<pid>-<random>`, and whoever claims a new
+one first removes those of the same prefix whose owner is gone.
+
+Only directories of this user, in this PID namespace (a pid means nothing across containers
+that share a /dev/shm), whose process no longer exists are removed. A reused pid keeps a dead
+owner's directory until that pid is free again: conservative, never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace id ("4026531836"), or "0" where /proc does not say."""
+    try:
+        m = re.search(r"\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return "0"
+    return m.group(1) if m else "0"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def sweep(base: Path, prefix: str) -> list[Path]:
+    """Remove `base/<prefix><ns>-<pid>-*` directories of this user and namespace whose pid is gone."""
+    ns, uid, removed = pid_namespace(), os.getuid(), []
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-(\d+)-")
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pattern.match(e.name)
+        if not m or m.group(1) != ns:
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not e.is_dir(follow_symlinks=False) or st.st_uid != uid or pid_alive(int(m.group(2))):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    if removed:
+        log.info("removed %d scratch dir(s) left by dead processes in %s: %s", len(removed), base,
+                 ", ".join(p.name for p in removed[:4]) + (" ..." if len(removed) > 4 else ""))
+    return removed
+
+
+def claim(base: Path | str, prefix: str) -> Path:
+    """A new directory under `base` owned by this process (mode 0700), after sweeping dead owners'."""
+    base = Path(base)
+    sweep(base, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid_namespace()}-{os.getpid()}-", dir=base))
+
+
+def ram_or_temp() -> Path:
+    """/dev/shm where it is writable (RAM, so no disk write on the hot path), else the temp dir."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
