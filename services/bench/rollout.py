@@ -68,14 +68,15 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # the bytes every decode step reads).
 DTYPES = {"tiny": "float32", "25m": "float32", "0.5b": "bfloat16"}
 CONDITIONS = ("base", "one", "mixed")
-DEFAULT_ROUNDS, TINY_ROUNDS = 5, 15
+# Timed rounds per shape unless --repeats says: the short runs vary most from run to run on a
+# shared 2-core VM (coefficient of variation over the rounds, 4 runs: tiny 0.02-0.19, 25m 0.01-0.05, 0.5b
+# 0.005-0.015), and cost least.
+ROUNDS = {"tiny": 15, "25m": 10, "0.5b": 5}
 
 
 def rounds_for(shape: str, repeats: int | None) -> int:
-    """Timed rounds for a shape: --repeats when given, else 15 for tiny and 5 for the others."""
-    if repeats is not None:
-        return repeats
-    return TINY_ROUNDS if shape == "tiny" else DEFAULT_ROUNDS
+    """Timed rounds for a shape: --repeats when given, else ROUNDS."""
+    return repeats if repeats is not None else ROUNDS[shape]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -92,9 +93,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per sequence")
     p.add_argument("--mixed", type=int, default=8, help="different adapters mixed in one batch")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds at most (median reported); default 5, and 15 for tiny: its ~4 ms "
-                        "steps swing ~9%% from run to run on a shared 2-core VM, 0.78-1.13x in one/base "
-                        "over 5 rounds, and its runs are short")
+                   help="timed rounds at most (median reported); default 15 for tiny, 10 for 25m, 5 for "
+                        "0.5b: the short runs vary most from run to run (tiny ~10%%, 25m ~3%%, 0.5b ~1%%) "
+                        "and cost least")
     p.add_argument("--budget-s", type=float, default=90.0,
                    help="no further round of a condition once its timed runs add up to this")
     p.add_argument("--min-run-s", type=float, default=2.0,

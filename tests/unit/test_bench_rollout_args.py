@@ -7,10 +7,10 @@ import pytest
 from services.bench import rollout as bench
 
 
-def test_tiny_gets_more_rounds_unless_repeats_is_given():
+def test_short_runs_get_more_rounds_unless_repeats_is_given():
     a = bench.parse_args([])
     assert a.repeats is None
-    assert [bench.rounds_for(s, a.repeats) for s in ("tiny", "25m", "0.5b")] == [15, 5, 5]
+    assert [bench.rounds_for(s, a.repeats) for s in ("tiny", "25m", "0.5b")] == [15, 10, 5]
     a = bench.parse_args(["--repeats", "3"])
     assert [bench.rounds_for(s, a.repeats) for s in ("tiny", "25m", "0.5b")] == [3, 3, 3]
     assert bench.rounds_for("tiny", bench.parse_args(["--quick"]).repeats) == 1
