@@ -62,6 +62,11 @@ class SampleDelta:
 
 
 IPC_PREFIX = "loraloop-vllm-"
+# How long shutdown() lets vLLM's engine process wind down before killing it. vLLM's default is
+# 5 s, the same grace its engine process gives its worker before SIGTERMing it: a worker slower
+# than that to see its parent go (a rollout actor under Ray with the learner busy: >5 s) gets
+# the engine process killed mid-teardown, and its shared-memory queue (/dev/shm/psm_*) stays.
+SHUTDOWN_TIMEOUT_S = 15.0
 _OURS = "LORALOOP_VLLM_RPC_DIR"  # set beside VLLM_RPC_BASE_PATH when this module chose it
 
 
@@ -192,7 +197,7 @@ class Engine:
 
     def shutdown(self) -> None:
         if self.llm is not None:
-            self.llm.shutdown()
+            self.llm.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
             self.llm = None
         if self._ipc:
             _ipc_dir.release()

@@ -62,9 +62,15 @@ def test_help_is_instant_and_bad_settings_fail_before_ray_starts(tmp_path):
     assert "Started a local Ray" not in bad.stdout + bad.stderr
 
 
+def _shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
+
+
 @pytest.mark.parametrize("nproc", [2])  # 1 rank is the same path minus the process group; CI time
 def test_three_steps_on_a_local_ray(tiny_model, tmp_path, nproc):
     run_dir = tmp_path / "run"
+    shm_before = _shm_segments()
     rc, log = run_launcher(tiny_model, run_dir, "--steps", "3", "--learner-nproc", str(nproc),
                            "--learner.data.groups_per_step=4", "--learner.data.samples_per_group=4",
                            "--learner.algo.max_staleness=0", "--learner.server.grace_s=1",
@@ -90,3 +96,5 @@ def test_three_steps_on_a_local_ray(tiny_model, tmp_path, nproc):
     assert summary["left_running"] == []  # none needed a SIGKILL after the graceful stop
     pids = {p for ps in seen.values() for p in ps} | set(summary["ray_pids"])
     assert [p for p in pids if _alive(p)] == []
+    # ... and so is the shared memory vLLM's engine leaves to Python's resource tracker.
+    assert _shm_segments() - shm_before == set()
