@@ -44,23 +44,31 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def owner(name: str, prefix: str) -> int | None:
+    """The pid owning the scratch dir `name` (`<prefix><ns>-<pid>-<mkdtemp suffix>`) when it is
+    one of this PID namespace's; None for any other name."""
+    m = re.fullmatch(re.escape(prefix) + r"(\d+)-(\d+)-[A-Za-z0-9_]+", name)
+    if m is None or m.group(1) != pid_namespace():
+        return None
+    return int(m.group(2))
+
+
 def sweep(base: Path, prefix: str) -> list[Path]:
     """Remove `base/<prefix><ns>-<pid>-*` directories of this user and namespace whose pid is gone."""
-    ns, uid, removed = pid_namespace(), os.getuid(), []
-    pattern = re.compile(re.escape(prefix) + r"(\d+)-(\d+)-")
+    uid, removed = os.getuid(), []
     try:
         entries = list(os.scandir(base))
     except OSError:
         return removed
     for e in entries:
-        m = pattern.match(e.name)
-        if not m or m.group(1) != ns:
+        pid = owner(e.name, prefix)
+        if pid is None:
             continue
         try:
             st = e.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not e.is_dir(follow_symlinks=False) or st.st_uid != uid or pid_alive(int(m.group(2))):
+        if not e.is_dir(follow_symlinks=False) or st.st_uid != uid or pid_alive(pid):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         removed.append(Path(e.path))

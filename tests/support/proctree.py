@@ -52,16 +52,12 @@ def alive(pid: int) -> bool:
 
 def scratch_dirs(pids: set[int]) -> list[Path]:
     """`services.common.scratch` dirs (vLLM sockets, adapter caches) owned by any of `pids`."""
-    import re
     import tempfile
 
     from services.common import scratch
+    from services.rollout.adapters import CACHE_PREFIX
+    from services.rollout.engine import IPC_PREFIX
 
-    own = re.compile(r"loraloop-[a-z-]+?-" + scratch.pid_namespace() + r"-(\d+)-")
-    out = []
-    for base in {Path(tempfile.gettempdir()), scratch.ram_or_temp()}:
-        for d in base.glob("loraloop-*"):
-            m = own.match(d.name)
-            if m and int(m.group(1)) in pids:
-                out.append(d)
-    return out
+    bases = {Path(tempfile.gettempdir()), scratch.ram_or_temp()}
+    return [d for base in bases for prefix in (IPC_PREFIX, CACHE_PREFIX) for d in base.glob(f"{prefix}*")
+            if scratch.owner(d.name, prefix) in pids]
