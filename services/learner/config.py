@@ -8,6 +8,17 @@ from pydantic import Field
 
 from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
 
+# The names registered in services.learner.algorithms (ADVANTAGE_ESTIMATORS, AGG_MODES,
+# KL_ESTIMATORS), spelled out here so that loading a config needs no torch;
+# tests/unit/test_algo_config.py fails when a registry and its Literal disagree.
+AdvantageName = Literal[
+    "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae"
+]
+LossAggName = Literal[
+    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+]
+KlName = Literal["k1", "k2", "k3"]
+
 
 class ModelConfig(Section):
     path: str = "runs/tiny-model"
@@ -35,10 +46,10 @@ class ModelConfig(Section):
 
 
 class AlgoConfig(Section):
-    advantage: str = "grpo"
+    advantage: AdvantageName = "grpo"
     """Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline,
     or gae (PPO with a critic: a second LoRA adapter plus a value head on the same base)."""
-    loss_agg: str = "token-mean"
+    loss_agg: LossAggName = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     clip_low: float = Field(0.2, ge=0)
     """PPO ratio clip below 1 (1 - clip_low)."""
@@ -52,7 +63,7 @@ class AlgoConfig(Section):
     """KL-to-reference coefficient (reference = base with the adapter disabled)."""
     log_kl: bool = True
     """Measure KL to the reference every step even when kl_coef is 0 (one extra forward)."""
-    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    kl_type: KlName = "k3"
     """KL estimator (k3 = low-variance)."""
     kl_in_reward: bool = False
     """Put the KL penalty in the reward instead of the loss."""
@@ -82,6 +93,15 @@ class AlgoConfig(Section):
     """Gradient-norm clip."""
     max_staleness: int = Field(1, ge=0)
     """Largest current_version - behaviour_version accepted; 0 is the synchronous algorithm."""
+
+    @property
+    def needs_critic(self) -> bool:
+        """The advantage estimator reads a critic's values (gae): PPO with a critic, a second
+        LoRA adapter plus a value head. The estimator's registration says so (imported here,
+        on use, so that loading a config stays torch-free)."""
+        from services.learner.algorithms import advantage_needs_values
+
+        return advantage_needs_values(self.advantage)
 
 
 class DataConfig(Section):

@@ -168,7 +168,7 @@ def run(cfg: LearnerConfig) -> None:
     if torch.cuda.is_available():  # one GPU per rank (torchrun's LOCAL_RANK)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    policy = Policy(cfg.model, device, critic=cfg.algo.advantage == "gae")
+    policy = Policy(cfg.model, device, critic=cfg.algo.needs_critic)
     trainer = Trainer(policy, cfg.algo, temperature=cfg.data.temperature, max_len=cfg.data.max_tokens)
     ckpt = _resume_path(cfg)
     state = None

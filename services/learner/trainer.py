@@ -6,17 +6,22 @@ micro-batches (gradient accumulation). Every loss is normalised by the size of t
 mini-batch across ranks, so 1 rank and N ranks, or any micro-batch split, give the same
 loss and gradients (FSDP averages gradients over ranks, hence the `* world`).
 
-PPO with a critic (`advantage = "gae"`): the critic (its own LoRA adapter on the same base
-plus a value head, see `Policy(critic=True)`) gives V for every row before the update; GAE
-turns rewards and V into advantages and returns; each micro-batch then takes a policy
-backward and a critic backward (clipped value loss against the returns), and actor and
-critic clip their gradients separately.
+PPO with a critic (`AlgoConfig.needs_critic`: `advantage = "gae"`): the critic (its own
+LoRA adapter on the same base plus a value head, see `Policy(critic=True)`) gives V for
+every row before the update; GAE turns rewards and V into advantages and returns; each
+micro-batch then takes a policy backward and a critic backward (clipped value loss against
+the returns), and actor and critic clip their gradients separately.
+
+`step` reads as `_prepare` (no gradient) -> `_update` (the micro-steps) -> `_summary`;
+`Rows` is the one rule for which rows each rank and micro-batch takes.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,8 +31,6 @@ from services.learner.batch import Batch, comm_device
 from services.learner.config import AlgoConfig
 from services.learner.policy import Policy
 
-_ADVANTAGE_KW = {"reinforce_plus_plus": {"gamma"}, "reinforce_plus_plus_baseline": {"gamma"},
-                 "gae": {"gamma", "lam"}}
 # Loss terms come out already divided by the global normaliser: they add up over
 # micro-batches and ranks. Every other metric is a masked mean: weight it by tokens.
 _ADDITIVE = ("pg_loss", "loss", "vf_loss")
@@ -42,12 +45,71 @@ def _all_reduce_sum(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t, strict=True)}
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Which rows each rank and micro-batch takes, written once: row i of the batch lives on
+    rank i % world, at position i // world of that rank's shard (rows rank, rank + world,
+    ...), and a rank runs its rows in consecutive micro-batches of `micro` rows."""
+
+    rank: int
+    world: int
+    micro: int
+
+    def mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """The batch rows among `rows` (row indices) that this rank holds, in order."""
+        return rows[rows % self.world == self.rank]
+
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """Where this rank's rows among `rows` sit in its shard."""
+        return self.mine(rows) // self.world
+
+    def micro_batches(self, n: int) -> list[slice]:
+        """Consecutive micro-batches over n rows."""
+        return [slice(i, i + self.micro) for i in range(0, n, self.micro)]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the update reads, fixed before its first optimizer step (no gradient).
+    `batch` is the whole batch, `local` this rank's rows; the other per-row tensors are
+    this rank's rows unless named `batch_*`."""
+
+    batch: Batch
+    local: Batch
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # for the KL loss and metric; None with KL in the reward
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None  # the critic's targets (with a critic)
+    old_values: torch.Tensor | None = None  # V before the update (with a critic)
+    batch_returns: torch.Tensor | None = None
+    batch_values: torch.Tensor | None = None
+
+
+@dataclass
+class _Sums:
+    """Micro-batch metrics summed over the update: loss terms (`_ADDITIVE`) as they are,
+    every other one weighted by its micro-batch's response tokens (counted in `_tokens`);
+    critic metrics under `critic/`. Also the gradient norms of each optimizer step."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    grad_norms: list[float] = field(default_factory=list)
+    critic_norms: list[float] = field(default_factory=list)
+
+    def add(self, metrics: dict[str, float], tokens: float, prefix: str = "") -> None:
+        for k, v in metrics.items():
+            key = prefix + k
+            self.sums[key] = self.sums.get(key, 0.0) + float(v) * (1.0 if k in _ADDITIVE else tokens)
+
+    def count_tokens(self, tokens: float) -> None:
+        self.sums["_tokens"] = self.sums.get("_tokens", 0.0) + tokens
+
+
 class Trainer:
     def __init__(self, policy: Policy, cfg: AlgoConfig, temperature: float = 1.0, max_len: int | None = None) -> None:
         self.policy, self.cfg, self.temperature, self.max_len = policy, cfg, temperature, max_len
-        self.critic = cfg.advantage == "gae"
+        self.critic = cfg.needs_critic  # also fails fast on an unknown estimator name
         if self.critic and not policy.critic:
-            raise ValueError("advantage 'gae' (PPO with a critic) needs Policy(..., critic=True)")
+            raise ValueError(f"advantage {cfg.advantage!r} (PPO with a critic) needs Policy(..., critic=True)")
         groups = [{"params": policy.actor_parameters(), "lr": cfg.lr}]
         if policy.critic:
             groups.append({"params": policy.critic_parameters(), "lr": cfg.critic_lr or cfg.lr})
@@ -56,13 +118,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.rank, self.world = policy.rank, policy.world
-        A.get_advantage_fn(cfg.advantage)  # fail fast on an unknown name
+
+    @property
+    def rows(self) -> Rows:
+        return Rows(self.rank, self.world, self.cfg.micro_batch_size)
 
     # ------------------------------------------------------------ pieces
 
     def advantages(self, batch: Batch, penalty: torch.Tensor | None = None,
                    values: torch.Tensor | None = None) -> A.AdvantageOutputs:
-        kw = {k: getattr(self.cfg, k) for k in _ADVANTAGE_KW.get(self.cfg.advantage, ()) if hasattr(self.cfg, k)}
+        """The configured estimator over the whole batch, given the settings its signature names."""
+        kw = A.advantage_kwargs(self.cfg.advantage, self.cfg.model_dump())
         inputs = A.AdvantageInputs(rewards=batch.rewards.float(), response_mask=batch.response_mask,
                                    group_ids=batch.group_index, token_penalty=penalty, values=values)
         return A.get_advantage_fn(self.cfg.advantage)(inputs, **kw)
@@ -70,15 +136,14 @@ class Trainer:
     @torch.no_grad()
     def _values(self, b: Batch) -> torch.Tensor:
         outs = [self.policy.values(mb.input_ids, mb.attention_mask)
-                for mb in (b.rows(slice(i, i + self.cfg.micro_batch_size))
-                           for i in range(0, b.size, self.cfg.micro_batch_size))]
+                for mb in (b.rows(s) for s in self.rows.micro_batches(b.size))]
         return torch.cat(outs) if outs else torch.zeros_like(b.behaviour_logprobs)
 
     @torch.no_grad()
     def _logprobs(self, b: Batch, reference: bool = False) -> torch.Tensor:
         outs = []
-        for i in range(0, b.size, self.cfg.micro_batch_size):
-            mb = b.rows(slice(i, i + self.cfg.micro_batch_size))
+        for s in self.rows.micro_batches(b.size):
+            mb = b.rows(s)
             if reference:
                 with self.policy.reference():
                     lp, _ = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, self.temperature)
@@ -94,91 +159,111 @@ class Trainer:
     # ------------------------------------------------------------ the update
 
     def step(self, batch: Batch) -> dict[str, float]:
-        """One update on `batch` (the same full batch on every rank)."""
+        """One update on `batch` (the same full batch on every rank): prepare, then the
+        micro-steps of every mini-batch and epoch, then the metrics."""
         t0 = time.perf_counter()
+        prep = self._prepare(batch.to(self.policy.device))
+        sums = self._update(prep)
+        return self._summary(prep, sums, t0)
+
+    def _prepare(self, batch: Batch) -> _Prepared:
+        """This rank's rows with their old (and reference) log-probs, and the advantages,
+        which need the whole batch (group statistics, batch whitening)."""
         cfg = self.cfg
-        batch = batch.to(self.policy.device)
-        rows = torch.arange(batch.size, device=batch.input_ids.device)
-        mine = rows[self.rank :: self.world]
+        mine = self.rows.mine(torch.arange(batch.size, device=batch.input_ids.device))
         local = batch.rows(mine)
         old_lp = self._logprobs(local)
         ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 or cfg.log_kl else None
-        # Advantages need the whole batch (group statistics). With KL in the reward, every
-        # rank needs every row's reference log-probs: rows are few here, so all compute all.
+        # With KL in the reward, every rank needs every row's reference log-probs: rows are
+        # few here, so all compute all.
         penalty = None
         if cfg.kl_in_reward and cfg.kl_coef > 0:
             full_old, full_ref = self._logprobs(batch), self._logprobs(batch, reference=True)
             penalty = A.kl_reward_penalty(full_old, full_ref, batch.response_mask, kl_coef=cfg.kl_coef,
                                           kl_type=cfg.kl_type)
         # GAE whitens over the whole batch: every rank computes V for every row (rows are few).
-        old_values = self._values(batch) if self.critic else None
-        adv_out = self.advantages(batch, penalty, old_values)
-        adv_local = adv_out.advantages[mine]
-        if self.critic:
-            old_v_local, returns_local = old_values[mine], adv_out.returns[mine]
+        values = self._values(batch) if self.critic else None
+        adv = self.advantages(batch, penalty, values)
+        critic = {} if values is None else {"returns": adv.returns[mine], "old_values": values[mine],
+                                            "batch_returns": adv.returns, "batch_values": values}
+        return _Prepared(batch=batch, local=local, old_logprobs=old_lp,
+                         ref_logprobs=None if cfg.kl_in_reward else ref_lp, advantages=adv.advantages[mine],
+                         **critic)
 
-        chunks = torch.tensor_split(rows, cfg.mini_batches)
-        stats: dict[str, float] = {}
-        cstats: dict[str, float] = {}
-        n_updates, grad_norms, critic_norms = 0, [], []
+    def _update(self, p: _Prepared) -> _Sums:
+        """ppo_epochs passes over the batch in mini_batches chunks, one optimizer step each,
+        the gradient accumulated over this rank's micro-batches of the chunk. Every loss is
+        normalised by the whole chunk across ranks (tokens, sequences)."""
+        cfg = self.cfg
+        chunks = torch.tensor_split(torch.arange(p.batch.size, device=p.batch.input_ids.device), cfg.mini_batches)
+        sums = _Sums()
         self.policy.root.train()
         for _epoch in range(cfg.ppo_epochs):
             for chunk in chunks:
-                sel = chunk[chunk % self.world == self.rank] // self.world  # my rows of this chunk
-                gtok = float(batch.response_mask[chunk].sum())
-                gseq = float(len(chunk))
+                norm = {"global_tokens": float(p.batch.response_mask[chunk].sum()),
+                        "global_seqs": float(len(chunk)), "max_len": self.max_len}
                 self.optimizer.zero_grad(set_to_none=True)
-                for i in range(0, len(sel), cfg.micro_batch_size):
-                    idx = sel[i : i + cfg.micro_batch_size]
-                    mb = local.rows(idx)
-                    lp, ent = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, self.temperature,
-                                                         with_entropy=True, entropy_grad=cfg.entropy_coef != 0)
-                    out = A.policy_loss(
-                        A.LossInputs(logprobs=lp, old_logprobs=old_lp[idx], behaviour_logprobs=mb.behaviour_logprobs,
-                                     advantages=adv_local[idx], response_mask=mb.response_mask,
-                                     ref_logprobs=ref_lp[idx] if ref_lp is not None and not cfg.kl_in_reward else None,
-                                     entropy=ent),
-                        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c,
-                        tis_cap=cfg.tis_cap, kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_type=cfg.kl_type,
-                        entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
-                        global_tokens=gtok, global_seqs=gseq, max_len=self.max_len,
-                    )
-                    (out.loss * self.world).backward()
-                    ntok = float(mb.response_mask.sum())
-                    stats["_tokens"] = stats.get("_tokens", 0.0) + ntok
-                    for k, v in out.metrics.items():
-                        stats[k] = stats.get(k, 0.0) + float(v) * (1.0 if k in _ADDITIVE else ntok)
-                    if self.critic:
-                        v = self.policy.values(mb.input_ids, mb.attention_mask)
-                        vout = A.value_loss(v, old_v_local[idx], returns_local[idx], mb.response_mask,
-                                            clip=cfg.value_clip, agg=cfg.loss_agg, global_tokens=gtok,
-                                            global_seqs=gseq, max_len=self.max_len)
-                        (vout.loss * self.world).backward()
-                        for k, val in vout.metrics.items():
-                            cstats[k] = cstats.get(k, 0.0) + float(val) * (1.0 if k in _ADDITIVE else ntok)
-                grad_norms.append(self._clip(self.policy.actor_parameters()))
+                mine = self.rows.local(chunk)
+                for s in self.rows.micro_batches(len(mine)):
+                    self._micro_step(p, mine[s], norm, sums)
+                sums.grad_norms.append(self._clip(self.policy.actor_parameters()))
                 if self.critic:
-                    critic_norms.append(self._clip(self.policy.critic_parameters()))
+                    sums.critic_norms.append(self._clip(self.policy.critic_parameters()))
                 self.optimizer.step()
                 self.scheduler.step()
-                n_updates += 1
-        total = _all_reduce_sum({**stats, **{f"critic/{k}": v for k, v in cstats.items()}}, self.world)
-        tokens_seen = max(total.pop("_tokens", 0.0), 1.0)
-        metrics = {(k if k.startswith("critic/") else f"actor/{k}"):
-                   v / (len(chunks) * cfg.ppo_epochs if k.split("/")[-1] in _ADDITIVE else tokens_seen)
-                   for k, v in total.items()}
-        metrics["actor/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        return sums
+
+    def _micro_step(self, p: _Prepared, idx: torch.Tensor, norm: dict[str, Any], sums: _Sums) -> None:
+        """Policy (and critic) backward on the local rows `idx`; FSDP averages gradients
+        over ranks, hence the `* world`."""
+        cfg = self.cfg
+        mb = p.local.rows(idx)
+        lp, ent = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, self.temperature,
+                                             with_entropy=True, entropy_grad=cfg.entropy_coef != 0)
+        out = A.policy_loss(
+            A.LossInputs(logprobs=lp, old_logprobs=p.old_logprobs[idx], behaviour_logprobs=mb.behaviour_logprobs,
+                         advantages=p.advantages[idx], response_mask=mb.response_mask,
+                         ref_logprobs=p.ref_logprobs[idx] if p.ref_logprobs is not None else None, entropy=ent),
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap,
+            kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_type=cfg.kl_type,
+            entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg, **norm,
+        )
+        (out.loss * self.world).backward()
+        ntok = float(mb.response_mask.sum())
+        sums.count_tokens(ntok)
+        sums.add(out.metrics, ntok)
         if self.critic:
-            mask = batch.response_mask.bool()
-            metrics["critic/grad_norm"] = sum(critic_norms) / max(1, len(critic_norms))
-            metrics["critic/returns_mean"] = float(adv_out.returns[mask].mean())
-            metrics["critic/values_mean"] = float(old_values[mask].mean())
+            assert p.old_values is not None and p.returns is not None
+            v = self.policy.values(mb.input_ids, mb.attention_mask)
+            vout = A.value_loss(v, p.old_values[idx], p.returns[idx], mb.response_mask,
+                                clip=cfg.value_clip, agg=cfg.loss_agg, **norm)
+            (vout.loss * self.world).backward()
+            sums.add(vout.metrics, ntok, prefix="critic/")
+
+    def _summary(self, p: _Prepared, sums: _Sums, t0: float) -> dict[str, float]:
+        """Metrics summed over ranks: loss terms averaged over optimizer steps, the rest
+        token means; NaNs left out."""
+        cfg = self.cfg
+        total = _all_reduce_sum(sums.sums, self.world)
+        tokens_seen = max(total.pop("_tokens", 0.0), 1.0)
+        n_updates = len(sums.grad_norms)
+        metrics = {(k if k.startswith("critic/") else f"actor/{k}"):
+                   v / (n_updates if k.split("/")[-1] in _ADDITIVE else tokens_seen)
+                   for k, v in total.items()}
+        metrics["actor/grad_norm"] = sum(sums.grad_norms) / max(1, n_updates)
+        if self.critic:
+            assert p.batch_returns is not None and p.batch_values is not None
+            mask = p.batch.response_mask.bool()
+            returns, values = p.batch_returns, p.batch_values
+            metrics["critic/grad_norm"] = sum(sums.critic_norms) / max(1, len(sums.critic_norms))
+            metrics["critic/returns_mean"] = float(returns[mask].mean())
+            metrics["critic/values_mean"] = float(values[mask].mean())
             # Fraction of the returns' variance the critic explained before this update.
-            var_r = float(adv_out.returns[mask].var())
-            metrics["critic/explained_var"] = (1.0 - float((adv_out.returns - old_values)[mask].var()) / var_r
+            var_r = float(returns[mask].var())
+            metrics["critic/explained_var"] = (1.0 - float((returns - values)[mask].var()) / var_r
                                                if var_r > 0 else float("nan"))
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
-        tokens = float(batch.response_mask.sum() + batch.attention_mask.sum())
+        tokens = float(p.batch.response_mask.sum() + p.batch.attention_mask.sum())
         metrics["timing_s/update"] = time.perf_counter() - t0
         metrics["perf/update_tokens_per_s"] = tokens * cfg.ppo_epochs / max(metrics["timing_s/update"], 1e-9)
         metrics["actor/updates"] = n_updates

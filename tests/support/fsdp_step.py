@@ -42,13 +42,13 @@ def main(model: str, out: str, micro: int = 64, advantage: str = "grpo") -> None
         make_peft_adapter(model, init, seed=5, rank=8, b_std=0.05)
     if dist.is_initialized():
         dist.barrier()
-    critic = advantage == "gae"
+    # One mini-batch and no clipping, so the gradients left after step() are the update's.
+    algo = AlgoConfig(lr=1e-2, mini_batches=1, micro_batch_size=micro, kl_coef=0.01, entropy_coef=0.001,
+                      tis_cap=2.0, grad_clip=1e9, advantage=advantage, lam=0.95, critic_lr=2e-2)
+    critic = algo.needs_critic
     torch.manual_seed(0)  # the critic's fresh adapter and head: same start on every run and rank
     policy = Policy(ModelConfig(path=model, lora_rank=8, lora_alpha=16, init_adapter=str(init)), critic=critic)
-    # One mini-batch and no clipping, so the gradients left after step() are the update's.
-    trainer = Trainer(policy, AlgoConfig(lr=1e-2, mini_batches=1, micro_batch_size=micro, kl_coef=0.01,
-                                         entropy_coef=0.001, tis_cap=2.0, grad_clip=1e9, advantage=advantage,
-                                         lam=0.95, critic_lr=2e-2))
+    trainer = Trainer(policy, algo)
 
     def trained() -> dict[str, torch.Tensor]:
         out = policy.adapter_state_dict()

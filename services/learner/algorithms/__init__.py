@@ -1,7 +1,9 @@
 """RL algorithms of the learner as pure functions over tensors: advantage estimators,
 policy/value losses, KL estimators and loss aggregation. No trainer state lives here.
 
-Registries pick them by name: `get_advantage_fn`, `AGG_MODES`, `KL_ESTIMATORS`.
+Registries pick them by name: `get_advantage_fn`, `AGG_MODES`, `KL_ESTIMATORS`; an estimator's
+signature says which settings it takes (`advantage_kwargs`), its registration whether it
+needs a critic (`advantage_needs_values`).
 """
 
 from .advantages import (
@@ -9,6 +11,8 @@ from .advantages import (
     AdvantageInputs,
     AdvantageOutputs,
     GroupStats,
+    advantage_kwargs,
+    advantage_needs_values,
     discounted_returns,
     dr_grpo_advantages,
     gae_advantages,
@@ -16,6 +20,7 @@ from .advantages import (
     group_stats,
     grpo_advantages,
     masked_whiten,
+    register_advantage,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
@@ -48,6 +53,8 @@ __all__ = [
     "LossOutputs",
     "Registry",
     "UnknownName",
+    "advantage_kwargs",
+    "advantage_needs_values",
     "discounted_returns",
     "dr_grpo_advantages",
     "gae_advantages",
@@ -60,6 +67,7 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "policy_loss",
+    "register_advantage",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",

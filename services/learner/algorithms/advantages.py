@@ -6,13 +6,18 @@ micro-batches. Advantages are targets: they are computed without gradient.
 
 Pick one by name: `get_advantage_fn("grpo")(inputs)`; `ADVANTAGE_ESTIMATORS.names()` lists
 them. Each estimator takes only the keyword arguments it uses, so a misplaced one (say
-`lam` for GRPO) is a TypeError rather than silently ignored.
+`lam` for GRPO) is a TypeError rather than silently ignored; its signature is the one place
+that says which settings it takes (`advantage_kwargs`). An estimator registered with
+`needs_values=True` reads a critic's values, so the learner trains a critic for it
+(`advantage_needs_values`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,11 +88,40 @@ class GroupStats:
 
 AdvantageFn = Callable[..., AdvantageOutputs]
 ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+_NEEDS_VALUES: set[str] = set()
+
+
+def register_advantage(name: str, *, needs_values: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Register an estimator as `name` in `ADVANTAGE_ESTIMATORS`. `needs_values`: it reads
+    `AdvantageInputs.values`, a critic's V(s_t) (GAE), so the learner trains a critic for it."""
+
+    def decorate(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGE_ESTIMATORS.register(name)(fn)
+        if needs_values:
+            _NEEDS_VALUES.add(name)
+        return fn
+
+    return decorate
 
 
 def get_advantage_fn(name: str) -> AdvantageFn:
     """The estimator registered as `name`; `UnknownName` lists the valid ones."""
     return ADVANTAGE_ESTIMATORS.get(name)
+
+
+def advantage_needs_values(name: str) -> bool:
+    """Whether estimator `name` reads a critic's values (PPO with a critic); `UnknownName`
+    for a name that is not registered."""
+    ADVANTAGE_ESTIMATORS.get(name)
+    return name in _NEEDS_VALUES
+
+
+def advantage_kwargs(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `settings` that estimator `name` takes: those named like one of its
+    keyword-only parameters (GAE's gamma and lam, REINFORCE++'s gamma), read from its
+    signature. Parameters that `settings` does not name keep their defaults."""
+    params = inspect.signature(ADVANTAGE_ESTIMATORS.get(name)).parameters.values()
+    return {p.name: settings[p.name] for p in params if p.kind is p.KEYWORD_ONLY and p.name in settings}
 
 
 def group_stats(scores: Tensor, group_ids: Tensor) -> GroupStats:
@@ -163,7 +197,7 @@ def _broadcast(per_sample: Tensor, returns: Tensor, mask: Tensor) -> AdvantageOu
     )
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@register_advantage("grpo")
 @torch.no_grad()
 def grpo_advantages(
     inputs: AdvantageInputs, *, norm_by_std: bool = True, eps: float = 1e-6
@@ -184,14 +218,14 @@ def grpo_advantages(
     return _broadcast(adv, scores, inputs.response_mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+@register_advantage("dr_grpo")
 def dr_grpo_advantages(inputs: AdvantageInputs) -> AdvantageOutputs:
     """Dr. GRPO (Liu et al. 2025): GRPO without the std division. Pair it with the
     `seq-mean-token-sum-norm` aggregation for the paper's unbiased objective."""
     return grpo_advantages(inputs, norm_by_std=False)
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@register_advantage("rloo")
 @torch.no_grad()
 def rloo_advantages(inputs: AdvantageInputs) -> AdvantageOutputs:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019):
@@ -204,7 +238,7 @@ def rloo_advantages(inputs: AdvantageInputs) -> AdvantageOutputs:
     return _broadcast(adv, scores, inputs.response_mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus")
+@register_advantage("reinforce_plus_plus")
 @torch.no_grad()
 def reinforce_pp_advantages(inputs: AdvantageInputs, *, gamma: float = 1.0) -> AdvantageOutputs:
     """REINFORCE++ (Hu 2025, arXiv:2501.03262): the outcome reward on the last token minus
@@ -215,7 +249,7 @@ def reinforce_pp_advantages(inputs: AdvantageInputs, *, gamma: float = 1.0) -> A
     return AdvantageOutputs(masked_whiten(returns, inputs.response_mask), returns)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline")
+@register_advantage("reinforce_plus_plus_baseline")
 @torch.no_grad()
 def reinforce_pp_baseline_advantages(
     inputs: AdvantageInputs, *, gamma: float = 1.0
@@ -229,7 +263,7 @@ def reinforce_pp_baseline_advantages(
     return AdvantageOutputs(masked_whiten(returns, inputs.response_mask), returns)
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@register_advantage("gae", needs_values=True)
 @torch.no_grad()
 def gae_advantages(
     inputs: AdvantageInputs, *, gamma: float = 1.0, lam: float = 1.0, whiten: bool = True
