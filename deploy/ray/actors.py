@@ -1,7 +1,9 @@
 """Ray actors around the code the `loraloop` commands run: redis-server, the broker and
-rollout servers (their `run(cfg)` on a thread with its own event loop), and one learner rank
-per actor (`services.learner.run.run(cfg)`). Ray only places and supervises them; the
-services know nothing of Ray. torch and vLLM are imported inside the actors, on their node.
+rollout servers (their `services.<kind>.app.run(cfg, stop)` on a thread with its own event
+loop), and one learner rank per actor (`services.learner.app.run(cfg, stop)`). Ray only
+places and supervises them, and stops them as the CLI's SIGTERM does: by setting the stop
+event (the service drains). The services know nothing of Ray. torch and vLLM are imported
+inside the actors, on their node.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # kind -> (config class, run coroutine): what `loraloop broker|rollout` runs.
 SERVICES = {
-    "broker": ("services.broker.config:BrokerConfig", "services.broker.service:run"),
-    "rollout": ("services.rollout.config:RolloutConfig", "services.rollout.service:run"),
+    "broker": ("services.broker.config:BrokerConfig", "services.broker.app:run"),
+    "rollout": ("services.rollout.config:RolloutConfig", "services.rollout.app:run"),
 }
 
 
@@ -135,8 +137,9 @@ class RedisServer:
 class ServiceActor:
     """One gRPC service (`broker` or `rollout`) on its own thread and event loop in this actor.
 
-    `run(cfg)` takes no stop hook, so `stop()` cancels it: its `finally` blocks still run (the
-    rollout shuts its vLLM engine process down, the broker closes Redis)."""
+    `stop()` sets the stop event `run(cfg, stop)` serves until: running RPCs drain, then its
+    `finally` blocks run (the rollout shuts its vLLM engine process down, the broker closes
+    Redis)."""
 
     def __init__(self, kind: str) -> None:
         if kind not in SERVICES:
@@ -144,7 +147,7 @@ class ServiceActor:
         self.kind = kind
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._stop_event: asyncio.Event | None = None
         self._error: str | None = None
         self._stopping = False
 
@@ -167,16 +170,15 @@ class ServiceActor:
             raise RuntimeError(f"{self.kind} did not start: {e}\n{self._error or ''}") from None
         return target
 
-    def _serve(self, run: Callable[[Any], Any], config: Any) -> None:
+    def _serve(self, run: Callable[[Any, asyncio.Event], Any], config: Any) -> None:
         async def main() -> None:
-            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            self._stop_event = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
             if not self._stopping:
-                await run(config)
+                await run(config, self._stop_event)
 
         try:
             asyncio.run(main())
-        except asyncio.CancelledError:
-            pass  # stop()
         except BaseException as e:  # SystemExit included: reported by join()/start()
             self._error = "".join(traceback.format_exception(e))
             log.error("%s failed:\n%s", self.kind, self._error)
@@ -190,9 +192,9 @@ class ServiceActor:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping = True
-        if self._loop is not None and self._task is not None:
+        if self._loop is not None and self._stop_event is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed: the service had ended
-                self._loop.call_soon_threadsafe(self._task.cancel)
+                self._loop.call_soon_threadsafe(self._stop_event.set)
         if self._thread is not None:
             self._thread.join(timeout_s)
 
@@ -202,12 +204,13 @@ class ServiceActor:
 
 @ray.remote(max_concurrency=2)
 class LearnerRank:
-    """One learner rank: `services.learner.run.run(cfg)` with its torch.distributed env
+    """One learner rank: `services.learner.app.run(cfg, stop)` with its torch.distributed env
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; gloo on CPU, nccl on GPUs)."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self._done = False
+        self._stop = threading.Event()
 
     def placement(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
@@ -223,14 +226,18 @@ class LearnerRank:
 
         config = LearnerConfig.model_validate(cfg)
         _configure_logging(config.log_level, f"learner[{self.rank}]")
-        from services.learner.run import run
+        from services.learner.app import run
 
         try:
-            run(config)
+            run(config, self._stop)
         except SystemExit as e:  # a SystemExit would end the actor instead of reporting the error
             raise RuntimeError(f"learner rank {self.rank}: {e}") from None
         finally:
             self._done = True
+
+    def stop(self) -> None:
+        """End after the step under way (rank 0 decides for every rank; `run` then returns)."""
+        self._stop.set()
 
     def wait_serving(self, target: str, timeout_s: float) -> bool:
         """True once rank 0 serves leases; False if the run ended first (nothing left to train)."""

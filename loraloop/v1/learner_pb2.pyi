@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from loraloop.v1 import rollout_pb2 as _rollout_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AckCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AckCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AckCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACK_OK: _AckCode.ValueType  # 0
+    """Accepted."""
+    ACK_INVALID_ARGUMENT: _AckCode.ValueType  # 3
+    """Malformed or invalid (lengths, ids outside the vocabulary, reward not finite, ...)."""
+    ACK_ALREADY_EXISTS: _AckCode.ValueType  # 6
+    """Accepted before (an earlier send got through and its ack was lost): delivered."""
+    ACK_FAILED_PRECONDITION: _AckCode.ValueType  # 9
+    """Too stale, or not leased under that lease: leased again."""
+
+class AckCode(_AckCode, metaclass=_AckCodeEnumTypeWrapper):
+    """What the learner did with one submitted group. The numbers are google.rpc.Code values
+    (and the field was an int32 of them before: same wire encoding).
+    """
+
+ACK_OK: AckCode.ValueType  # 0
+"""Accepted."""
+ACK_INVALID_ARGUMENT: AckCode.ValueType  # 3
+"""Malformed or invalid (lengths, ids outside the vocabulary, reward not finite, ...)."""
+ACK_ALREADY_EXISTS: AckCode.ValueType  # 6
+"""Accepted before (an earlier send got through and its ack was lost): delivered."""
+ACK_FAILED_PRECONDITION: AckCode.ValueType  # 9
+"""Too stale, or not leased under that lease: leased again."""
+Global___AckCode: _TypeAlias = AckCode  # noqa: Y015
 
 @_typing.final
 class LeaseRequest(_message.Message):
@@ -247,16 +278,13 @@ class SubmitAck(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
-    code: _builtins.int
-    """google.rpc.Code value: 0 OK, 3 INVALID_ARGUMENT, 6 ALREADY_EXISTS (duplicate),
-    9 FAILED_PRECONDITION (too stale / lease expired).
-    """
+    code: Global___AckCode.ValueType
     message: _builtins.str
     def __init__(
         self,
         *,
         group_id: _builtins.str = ...,
-        code: _builtins.int = ...,
+        code: Global___AckCode.ValueType = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

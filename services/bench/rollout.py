@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import secrets
 import shutil
 import statistics
@@ -429,18 +428,18 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
     }
 
 
-_LOADED = re.compile(r"loaded bench@v(\d+) .*fetch ([\d.]+) ms, check \+ cache ([\d.]+) ms, engine ([\d.]+) ms")
-
-
 def server_parts(workdir: Path, samples: list[dict]) -> dict:
-    """The rollout server's own account of each timed load (its INFO log line per version)."""
+    """The rollout server's own account of each timed load (its adapter_loaded event per version)."""
+    from services.common import events
+    from services.rollout.adapters import ADAPTER_LOADED
+
     timed = {s["version"] for s in samples}
     rows: dict[str, list[float]] = {"fetch": [], "check_cache": [], "engine": []}
     for log_path in workdir.glob("rollout-*.log"):
-        for m in _LOADED.finditer(log_path.read_text(errors="replace")):
-            if int(m.group(1)) in timed:
-                for key, val in zip(rows, m.groups()[1:], strict=True):
-                    rows[key].append(float(val))
+        for e in events.read_file(log_path, ADAPTER_LOADED):
+            if e["name"] == "bench" and e["version"] in timed:
+                for key in rows:
+                    rows[key].append(float(e[f"{key}_ms"]))
     return {k: {"p50": _pct(v, 50), "p95": _pct(v, 95)} for k, v in rows.items() if v}
 
 

@@ -50,8 +50,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from tqdm import tqdm
 
-    from services.broker.client import BrokerClient, BrokerError
+    from services.broker.client import BrokerClient
     from services.common.errors import LoraloopError
+    from services.common.status import code_name
 
     client = BrokerClient(args.broker, args.token, tls_ca_file=args.tls_ca, timeout_s=args.timeout)
     try:
@@ -94,10 +95,10 @@ def main(argv: list[str]) -> int:
         elif args.cmd in ("pin", "unpin"):
             r = (client.pin if args.cmd == "pin" else client.unpin)(args.selector)
             print(f"{args.cmd}ned {r.ref}")
-    except BrokerError as e:
-        print(f"loraloop adapters {args.cmd}: {e.code.name}: {e.details}", file=sys.stderr)
+    except LoraloopError as e:  # a broker call failed, or the input was bad (InvalidArgument)
+        print(f"loraloop adapters {args.cmd}: {code_name(e)}: {e}", file=sys.stderr)
         return 1
-    except (LoraloopError, OSError) as e:
+    except OSError as e:
         print(f"loraloop adapters {args.cmd}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -4,6 +4,9 @@ tests and the `loraloop adapters` CLI.
 Every call has a deadline; calls that are safe to repeat are retried with exponential
 backoff on UNAVAILABLE. Publish is safe to repeat too: each carries a publish id and the
 broker returns the version already committed for it instead of committing twice.
+
+A call that fails raises the domain error of its status (`services.common.status.error_of`:
+NOT_FOUND -> NotFound, DATA_LOSS -> DataLoss, ...), the reverse of the servers' mapping.
 """
 
 from __future__ import annotations
@@ -24,21 +27,15 @@ import grpc
 
 from loraloop.v1 import adapters_pb2 as pb
 from loraloop.v1 import adapters_pb2_grpc as pb_grpc
+from services.common.errors import DataLoss
 from services.common.names import AdapterSelector, parse_selector, validate_name
 from services.common.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from services.common.records import AdapterVersion
+from services.common.status import error_of
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 CHUNK = 1024 * 1024
-
-
-class BrokerError(Exception):
-    """A broker call failed; `code` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
 
 
 def _sel(selector: str | AdapterSelector) -> AdapterSelector:
@@ -51,7 +48,8 @@ def _ref(selector: str | AdapterSelector) -> pb.AdapterRef:
 
 
 class BrokerClient:
-    # fetch() hashes the bytes as they arrive and raises DATA_LOSS on a mismatch with the record.
+    # fetch() and fetch_to_file() hash the bytes as they arrive and raise DataLoss on a mismatch
+    # with the record (the AdapterSource contract of services.rollout.adapters).
     verifies_sha256 = True
 
     def __init__(
@@ -99,7 +97,7 @@ class BrokerClient:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                raise BrokerError(code, e.details()) from None  # type: ignore[attr-defined]
+                raise error_of(code, e.details()) from None  # type: ignore[attr-defined]
         raise AssertionError("unreachable")
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -194,12 +192,12 @@ class BrokerClient:
                     if progress and record:
                         progress(len(msg.chunk), record.size_bytes)
             if record is None or size != record.size_bytes:
-                raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{selector}: fetch ended after {size} bytes")
+                raise DataLoss(f"{selector}: fetch ended after {size} bytes")
             return record, digest.hexdigest()
 
         record, digest = self._call(once)
         if digest != record.sha256:
-            raise BrokerError(grpc.StatusCode.DATA_LOSS, f"{record.ref}: sha256 {digest} != record {record.sha256}")
+            raise DataLoss(f"{record.ref}: sha256 {digest} != record {record.sha256}")
         return record
 
     def fetch(self, selector: str | AdapterSelector,
@@ -295,7 +293,7 @@ class WatchStream:
                 if self._closed.is_set() or code == grpc.StatusCode.CANCELLED:
                     return
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise BrokerError(code, e.details()) from None  # type: ignore[attr-defined]
+                    raise error_of(code, e.details()) from None  # type: ignore[attr-defined]
                 self.reconnects += 1
                 if self._closed.wait(delay if code == grpc.StatusCode.UNAVAILABLE else 0):
                     return

@@ -1,4 +1,4 @@
-"""`loraloop broker`: parses its config, then imports the gRPC service."""
+"""`loraloop broker`: parses its config, then runs services.broker.app until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
                      "and streams new versions to rollout servers.", ALIASES)
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s broker %(name)s: %(message)s")
-    from services.broker.service import run
+    from services.broker.app import run
 
     try:
         asyncio.run(run(cfg))

@@ -1,18 +1,14 @@
-"""The AdapterRegistry gRPC service. Each RPC is protobuf -> domain call -> protobuf; the
-logic lives in services.broker.registry."""
+"""The AdapterRegistry gRPC servicer. Each RPC is protobuf -> domain call -> protobuf; the
+logic lives in services.broker.registry, the process in services.broker.app."""
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import AsyncIterator
 
 from loraloop.v1 import adapters_pb2 as pb
 from loraloop.v1 import adapters_pb2_grpc as pb_grpc
-from services.broker.config import BrokerConfig
 from services.broker.registry import AdapterRegistry, PublishIntent
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import Registration, serve
 
 SERVICE = "loraloop.v1.AdapterRegistry"
 _ALL = frozenset({"learner", "rollout", "client"})
@@ -94,18 +90,3 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
         after = {w.name: w.after_version for w in request.adapters}
         async for record, live in self.registry.watch(after):
             yield pb.AdapterEvent(kind=pb.AdapterEvent.PUBLISHED, record=record.to_pb(), live=live)
-
-
-async def run(cfg: BrokerConfig) -> None:
-    registry = AdapterRegistry.from_config(cfg.redis, cfg.registry, os.environ.get(cfg.redis.password_env))
-    logging.getLogger(__name__).info(await registry.check_durability())
-
-    def started(port: int) -> None:
-        print(f"loraloop broker listening on {cfg.server.host}:{port}", flush=True)
-
-    try:
-        await serve([Registration(pb_grpc.add_AdapterRegistryServicer_to_server,
-                                  AdapterRegistryServicer(registry), SERVICE)],
-                    cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, on_started=started)
-    finally:
-        await registry.close()

@@ -1,7 +1,7 @@
 """Domain errors. Services raise these; one interceptor per server maps them to gRPC codes.
 
 Deciding the status code by exception type (never by message text) keeps the mapping in one
-place: `services.common.grpc_server.STATUS_OF`.
+place: `services.common.status` (servers: error -> status; clients: status -> error).
 """
 
 from __future__ import annotations
@@ -41,3 +41,16 @@ class Unavailable(LoraloopError):
 
 class AlreadyExists(LoraloopError):
     pass
+
+
+class DataLoss(LoraloopError):
+    """Bytes that do not match their record (short, or another sha256)."""
+
+
+class RemoteError(LoraloopError):
+    """A call failed with a status that has no domain type here (DEADLINE_EXCEEDED, INTERNAL,
+    ...); `code` is that status (a grpc.StatusCode)."""
+
+    def __init__(self, code: object, details: str) -> None:
+        super().__init__(f"{getattr(code, 'name', code)}: {details}")
+        self.code = code

@@ -19,27 +19,11 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import errors
 from services.common.config import AuthConfig, Role, ServerConfig, TLSConfig
+from services.common.status import status_of
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: dict[type[errors.LoraloopError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-}
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
-    return grpc.StatusCode.INTERNAL
 
 
 @dataclass(frozen=True)
@@ -191,3 +175,46 @@ async def serve(
         if asyncio.iscoroutine(res):
             await res
     await server.stop(server_cfg.grace_s)
+
+
+class ServerThread:
+    """`serve(...)` on a thread of its own, with its own event loop, for a process whose main
+    thread does other work (the learner's training loop): `start()` returns the port once it
+    listens, `stop()` drains it (running RPCs get `grace_s`) and joins the thread."""
+
+    def __init__(self, services: list[Registration], server_cfg: ServerConfig, auth: AuthConfig, tls: TLSConfig,
+                 roles_of_method: Mapping[str, frozenset[Role]], name: str = "grpc-server") -> None:
+        self._args = (services, server_cfg, auth, tls, roles_of_method)
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._error:
+            raise RuntimeError(f"gRPC server did not start: {self._error}")
+        return self.port
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+
+            def started(port: int) -> None:
+                self.port = port
+                self._ready.set()
+
+            await serve(*self._args, on_started=started, stop_event=self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # surfaced by start()
+            self._error = e
+            self._ready.set()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)

@@ -78,16 +78,18 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast(batch: Batch | None, src: int = 0) -> Batch:
-    """Rank `src` sends `batch`; every rank returns it (on the CPU). A no-op without
-    torch.distributed."""
+def broadcast(batch: Batch | None, src: int = 0) -> Batch | None:
+    """Rank `src` sends `batch`; every rank returns it (on the CPU). None from `src` (it was
+    told to stop) reaches every rank as None. A no-op without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        assert batch is not None
         return batch
     dev = comm_device()
-    shape = torch.tensor(list(batch.input_ids.shape) if batch is not None else [0, 0], device=dev)
+    sending = dist.get_rank() == src
+    shape = torch.tensor(list(batch.input_ids.shape) if sending and batch is not None else [0, 0], device=dev)
     dist.broadcast(shape, src)
     n, length = int(shape[0]), int(shape[1])
+    if n == 0:
+        return None
     out = []
     for f, dtype in zip(fields(Batch), _DTYPES, strict=True):
         per_token = f.name in ("input_ids", "attention_mask", "response_mask", "behaviour_logprobs")

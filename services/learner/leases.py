@@ -23,176 +23,44 @@ or dropped. Every lease carries `min_version = V`, so its samples have behaviour
 η = 0 is the synchronous algorithm: B groups leased at V, nothing more until they are taken
 and V+1 is set.
 
-Pure Python, no gRPC; the clock is injectable (`now` arguments, or `clock=`). The domain
-records here convert to and from the learner.proto messages at the service edge.
+Pure Python, no gRPC; the clock is injectable (`now` arguments, or `clock=`). The records it
+hands out and takes back (services.common.trajectories) convert to and from the
+learner.proto messages at the service edge. The table keeps its own lock: the gRPC service's
+thread and the training loop call it alike.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from loraloop.v1 import learner_pb2 as pb
-from loraloop.v1 import rollout_pb2 as rpb
+from services.common.trajectories import (
+    AcceptResult,
+    AckCode,
+    GroupSpec,
+    Lease,
+    Refusal,
+    RefusalReason,
+    TrajectoryGroupRecord,
+)
 
-# ---------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One prompt to be sampled n times (`loraloop.v1.PromptGroup`)."""
-
-    group_id: str
-    prompt_uid: str
-    prompt_token_ids: tuple[int, ...]
-    prompt_text: str = ""
-    data_source: str = ""
-    ground_truth: str = ""
-    extra_info: dict[str, Any] = field(default_factory=dict)
-
-    def to_pb(self) -> pb.PromptGroup:
-        return pb.PromptGroup(
-            group_id=self.group_id, prompt_token_ids=list(self.prompt_token_ids),
-            prompt_text=self.prompt_text, data_source=self.data_source,
-            ground_truth=self.ground_truth, extra_info_json=json.dumps(self.extra_info))
-
-    @classmethod
-    def from_pb(cls, m: pb.PromptGroup) -> GroupSpec:
-        return cls(group_id=m.group_id, prompt_uid=m.group_id.rsplit(":", 1)[0],
-                   prompt_token_ids=tuple(m.prompt_token_ids), prompt_text=m.prompt_text,
-                   data_source=m.data_source, ground_truth=m.ground_truth,
-                   extra_info=json.loads(m.extra_info_json) if m.extra_info_json else {})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GroupSpec:
-        return cls(**{**d, "prompt_token_ids": tuple(d["prompt_token_ids"])})
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True)
-class SampleRecord:
-    """One generated response (`loraloop.v1.Sample`)."""
+def _locked(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: LeaseTable, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
 
-    response_token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    reward: float
-    adapter_version: int
-    finish_reason: str = ""
-    reward_details_json: str = ""
-    reward_error: str = ""
-
-    def to_pb(self) -> pb.Sample:
-        return pb.Sample(
-            response_token_ids=list(self.response_token_ids), logprobs=list(self.logprobs),
-            reward=self.reward, reward_details_json=self.reward_details_json,
-            finish_reason=self.finish_reason, adapter_version=self.adapter_version,
-            reward_error=self.reward_error)
-
-    @classmethod
-    def from_pb(cls, m: pb.Sample) -> SampleRecord:
-        return cls(response_token_ids=tuple(m.response_token_ids), logprobs=tuple(m.logprobs),
-                   reward=m.reward, adapter_version=m.adapter_version, finish_reason=m.finish_reason,
-                   reward_details_json=m.reward_details_json, reward_error=m.reward_error)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SampleRecord:
-        return cls(**{**d, "response_token_ids": tuple(d["response_token_ids"]),
-                      "logprobs": tuple(d["logprobs"])})
-
-
-@dataclass(frozen=True)
-class TrajectoryGroupRecord:
-    """The n samples of one group, as returned under a lease (`loraloop.v1.TrajectoryGroup`)."""
-
-    lease_id: str
-    group_id: str
-    prompt_token_ids: tuple[int, ...]
-    adapter_name: str
-    samples: tuple[SampleRecord, ...]
-
-    def to_pb(self) -> pb.TrajectoryGroup:
-        return pb.TrajectoryGroup(
-            lease_id=self.lease_id, group_id=self.group_id,
-            prompt_token_ids=list(self.prompt_token_ids), adapter_name=self.adapter_name,
-            samples=[s.to_pb() for s in self.samples])
-
-    @classmethod
-    def from_pb(cls, m: pb.TrajectoryGroup) -> TrajectoryGroupRecord:
-        return cls(lease_id=m.lease_id, group_id=m.group_id, prompt_token_ids=tuple(m.prompt_token_ids),
-                   adapter_name=m.adapter_name, samples=tuple(SampleRecord.from_pb(s) for s in m.samples))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrajectoryGroupRecord:
-        return cls(**{**d, "prompt_token_ids": tuple(d["prompt_token_ids"]),
-                      "samples": tuple(SampleRecord.from_dict(s) for s in d["samples"])})
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Groups handed to one worker until `deadline` (unix seconds)."""
-
-    lease_id: str
-    worker_id: str
-    adapter_name: str
-    min_version: int
-    deadline: float
-    n: int
-    groups: tuple[GroupSpec, ...]
-
-    def to_pb(self, sampling: rpb.SamplingParams | None = None, reward_fn: str = "") -> pb.Lease:
-        """`sampling` is the learner's configured template; its `n` is overridden by the
-        table's, since `accept` counts exactly that many samples."""
-        params = rpb.SamplingParams()
-        if sampling is not None:
-            params.CopyFrom(sampling)
-        params.n = self.n
-        return pb.Lease(lease_id=self.lease_id, adapter_name=self.adapter_name,
-                        min_version=self.min_version, deadline_ms=int(self.deadline * 1000),
-                        groups=[g.to_pb() for g in self.groups], sampling=params, reward_fn=reward_fn)
-
-
-class RefusalReason(StrEnum):
-    NOTHING_PENDING = "nothing_pending"
-    BACKPRESSURE = "backpressure"
-    STALENESS = "staleness"
-    NO_ADAPTER_VERSION = "no_adapter_version"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why `lease` returned None, and when to ask again."""
-
-    reason: RefusalReason
-    retry_after_ms: int
-
-    def to_pb(self) -> pb.LeaseResponse:
-        return pb.LeaseResponse(retry_after_ms=self.retry_after_ms)
-
-
-class AcceptStatus(IntEnum):
-    """google.rpc.Code values, as SubmitAck.code carries them."""
-
-    OK = 0
-    INVALID_ARGUMENT = 3
-    ALREADY_EXISTS = 6
-    FAILED_PRECONDITION = 9
-
-
-@dataclass(frozen=True)
-class AcceptResult:
-    group_id: str
-    status: AcceptStatus
-    message: str = ""
-
-    def to_pb(self) -> pb.SubmitAck:
-        return pb.SubmitAck(group_id=self.group_id, code=int(self.status), message=self.message)
-
+    return wrapper  # type: ignore[return-value]
 
 # ---------------------------------------------------------------------------- table
 
@@ -233,7 +101,7 @@ class LeaseTable:
         # Lease ids stay unique across restarts that lose the table's state.
         self._id_prefix = id_prefix if id_prefix is not None else uuid.uuid4().hex[:8]
         self.version = current_version
-        self.last_refusal: Refusal | None = None
+        self._lock = threading.RLock()
         self._taken_at_version = 0
         self._seq = 0
         self._lease_seq = 0
@@ -244,6 +112,7 @@ class LeaseTable:
 
     # -- feeding and versions
 
+    @_locked
     def add(self, prompt_uid: str, prompt_token_ids: Sequence[int], prompt_text: str = "",
             data_source: str = "", ground_truth: str = "",
             extra_info: dict[str, Any] | None = None) -> GroupSpec:
@@ -256,11 +125,13 @@ class LeaseTable:
         self._live[spec.group_id] = _Live(spec)
         return spec
 
+    @_locked
     def wanted(self) -> int:
         """New groups to `add` so that every lease rule 2 allows can be filled."""
         fresh = sum(not g.holds_slot for g in self._live.values())
         return max(0, self._free_slots() - fresh)
 
+    @_locked
     def set_version(self, version: int) -> None:
         """The learner published `version`. Buffered groups now too stale are dropped and
         their prompts queued again under new group ids."""
@@ -290,10 +161,11 @@ class LeaseTable:
         return max(0, (self.max_staleness + 1 - self._taken_at_version) * self.groups_per_batch
                    - self._slots_held())
 
-    def lease(self, worker_id: str, max_groups: int = 0, now: float | None = None) -> Lease | None:
+    @_locked
+    def lease(self, worker_id: str, max_groups: int = 0, now: float | None = None) -> Lease | Refusal:
         """Up to `max_groups` (0: the configured cap) groups: expired or refused ones first,
-        then new ones as rule 2 allows. None when there is nothing to hand out; then
-        `last_refusal` says why and when to retry."""
+        then new ones as rule 2 allows; or, when there is nothing to hand out, a Refusal that
+        says why and when to retry."""
         now = self.clock() if now is None else now
         want = min(max_groups or self.max_groups_per_lease, self.max_groups_per_lease)
         if self.adapter_name and self.version < 1:
@@ -318,17 +190,16 @@ class LeaseTable:
         self._counters["leases_granted"] += 1
         self._counters["groups_leased"] += len(again) + len(fresh)
         self._counters["groups_leased_again"] += len(again)
-        self.last_refusal = None
         return Lease(lease_id, worker_id, self.adapter_name, min_version, deadline, self.n,
                      tuple(g.spec for g in again + fresh))
 
-    def _refuse(self, reason: RefusalReason) -> None:
+    def _refuse(self, reason: RefusalReason) -> Refusal:
         self._counters[f"lease_refused_{reason.value}"] += 1
-        self.last_refusal = Refusal(reason, self.retry_after_ms)
-        return None
+        return Refusal(reason, self.retry_after_ms)
 
     # -- accepting
 
+    @_locked
     def accept(self, group: TrajectoryGroupRecord, now: float | None = None) -> AcceptResult:
         """Check one returned group and buffer it for the trainer, or say why not.
 
@@ -337,23 +208,23 @@ class LeaseTable:
         now = self.clock() if now is None else now
         gid = group.group_id
         if gid in self._accepted:
-            return self._result(gid, AcceptStatus.ALREADY_EXISTS, "group already accepted")
+            return self._result(gid, AckCode.ALREADY_EXISTS, "group already accepted")
         live = self._live.get(gid)
         if live is None:
-            return self._result(gid, AcceptStatus.FAILED_PRECONDITION, "unknown group id")
+            return self._result(gid, AckCode.FAILED_PRECONDITION, "unknown group id")
         if group.lease_id not in live.leases:
-            return self._result(gid, AcceptStatus.FAILED_PRECONDITION,
+            return self._result(gid, AckCode.FAILED_PRECONDITION,
                                 f"group was never leased under lease {group.lease_id!r}")
         problem = self._invalid(group, live.spec)
         if problem:
             self._release(live, group.lease_id)
-            return self._result(gid, AcceptStatus.INVALID_ARGUMENT, problem)
+            return self._result(gid, AckCode.INVALID_ARGUMENT, problem)
         oldest = min(s.adapter_version for s in group.samples)
         min_version = live.leases[group.lease_id]
         if oldest < min_version or self.version - oldest > self.max_staleness:
             self._counters["dropped_stale"] += 1
             self._release(live, group.lease_id)
-            return self._result(gid, AcceptStatus.FAILED_PRECONDITION,
+            return self._result(gid, AckCode.FAILED_PRECONDITION,
                                 f"too stale: sample version {oldest}, lease min_version {min_version}, "
                                 f"learner at {self.version}, max_staleness {self.max_staleness}")
         if live.lease_id != group.lease_id or live.deadline <= now:
@@ -361,14 +232,14 @@ class LeaseTable:
         del self._live[gid]
         self._accepted.add(gid)
         self._buffer.append((live.spec, group))
-        return self._result(gid, AcceptStatus.OK)
+        return self._result(gid, AckCode.OK)
 
     def _release(self, live: _Live, lease_id: str) -> None:
         # A refused group is free to lease again at once, unless another lease holds it now.
         if live.lease_id == lease_id:
             live.lease_id = None
 
-    def _result(self, gid: str, status: AcceptStatus, message: str = "") -> AcceptResult:
+    def _result(self, gid: str, status: AckCode, message: str = "") -> AcceptResult:
         self._counters[_COUNTER_OF[status]] += 1
         return AcceptResult(gid, status, message)
 
@@ -403,6 +274,7 @@ class LeaseTable:
 
     # -- the trainer's side
 
+    @_locked
     def take_batch(self, num_groups: int | None = None) -> list[TrajectoryGroupRecord] | None:
         """The oldest `num_groups` (default groups_per_batch) accepted groups, in arrival
         order, or None (nothing taken) while fewer are buffered."""
@@ -414,6 +286,7 @@ class LeaseTable:
         self._counters["consumed"] += k
         return [rec for _, rec in batch]
 
+    @_locked
     def stats(self) -> dict[str, int]:
         """Counters since the start of training (kept in checkpoints) and current gauges."""
         out = {k: 0 for k in _COUNTERS}
@@ -425,6 +298,7 @@ class LeaseTable:
 
     # -- checkpoints
 
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": self.version, "taken_at_version": self._taken_at_version,
@@ -436,6 +310,7 @@ class LeaseTable:
             "counters": dict(self._counters),
         }
 
+    @_locked
     def expire_leases(self) -> int:
         """End every outstanding lease now (a restarted learner cannot know whether those
         workers are still at it): their groups are leased again first, in their order.
@@ -446,6 +321,7 @@ class LeaseTable:
                 g.deadline, n = 0.0, n + 1
         return n
 
+    @_locked
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version, self._taken_at_version = int(state["version"]), int(state["taken_at_version"])
         self._seq, self._lease_seq = int(state["seq"]), int(state["lease_seq"])
@@ -458,10 +334,9 @@ class LeaseTable:
                         for d in state["buffer"]]
         self._accepted = set(state["accepted"])
         self._counters = Counter({k: int(v) for k, v in state["counters"].items()})
-        self.last_refusal = None
 
 
-_COUNTER_OF = {s: "accepted" if s is AcceptStatus.OK else s.name.lower() for s in AcceptStatus}
+_COUNTER_OF = {s: "accepted" if s is AckCode.OK else s.name.lower() for s in AckCode}
 _COUNTERS = ("leases_granted", "groups_leased", "groups_leased_again",
              *(f"lease_refused_{r.value}" for r in RefusalReason), *_COUNTER_OF.values(),
              "accepted_late", "dropped_stale", "dropped_stale_buffered", "consumed")

@@ -1,10 +1,13 @@
-"""`loraloop learner`: parses its config; with nproc > 1 it re-runs itself under torchrun."""
+"""`loraloop learner`: parses its config (before torch is imported); with nproc > 1 it re-runs
+itself under torchrun; then runs services.learner.app until done or SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 from services.common.config import config_cli
 from services.common.net import free_port
@@ -23,7 +26,15 @@ def main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s learner[{rank}] %(name)s: %(message)s")
-    from services.learner.run import run
+    from services.learner.app import run
 
-    run(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()  # the step under way ends, then the process (a second signal: at once)
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    run(cfg, stop)
     return 0

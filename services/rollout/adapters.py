@@ -6,14 +6,19 @@
   only once no request holds it, and is fetched again if a later request pins it.
 - An adapter for another base, above `max_lora_rank`, for modules the model lacks, or with
   bytes that do not hash to their record is refused with a clear error; serving goes on.
+- Following: the manager owns which names it follows (`follow`, or the first request for
+  `name@latest`). It loads the newest version, then asks its watcher to announce the later
+  ones, which arrive through `on_published`; `wait_for` waits on its change event.
 
-The engine and the broker are injected (see `LoraEngine`, `AdapterSource`), so this logic is
-unit-tested with fakes and integration-tested with vLLM and a real broker.
+The engine, the broker and the watcher are injected (`LoraEngine`, `AdapterSource`,
+`AdapterWatcher`), so this logic is unit-tested with fakes and integration-tested with vLLM
+and a real broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from services.common import scratch
-from services.common.errors import FailedPrecondition, InvalidArgument, LoraloopError, NotFound
+from services.common import events, scratch
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.fingerprint import (
     model_fingerprint,
     read_safetensors_header,
@@ -47,6 +52,9 @@ from services.rollout.engine import LoraHandle
 
 log = logging.getLogger(__name__)
 _PEFT_PREFIX = "base_model.model."
+# The event logged for every version loaded into the engine (services.common.events), with its
+# timings: what the hot-load bench and the e2e tests read.
+ADAPTER_LOADED = "adapter_loaded"
 
 
 class AdapterRefused(FailedPrecondition):
@@ -59,19 +67,27 @@ class LoraEngine(Protocol):
 
 
 class AdapterSource(Protocol):
-    """The broker, as the manager needs it (BrokerClient fits; called from a thread)."""
+    """The broker, as the manager needs it (BrokerClient fits; called from a thread). Both
+    raise NotFound for an unknown version; fetch_to_file raises DataLoss (and leaves no file)
+    for bytes that end short or, where verifies_sha256, do not hash to the record."""
 
-    def get(self, selector: str) -> AdapterVersion: ...
-    def fetch(self, selector: str) -> tuple[AdapterVersion, bytes]: ...
-
-    # A source whose fetch already checked the bytes against record.sha256 sets this True
-    # (BrokerClient hashes as the bytes arrive), so they are not hashed a second time.
+    # True: fetch_to_file checks the bytes against record.sha256 as they arrive (BrokerClient
+    # does), so the manager does not hash them a second time.
     verifies_sha256: bool
 
-    # Optional (BrokerClient has it; the manager uses it when present and verifies_sha256):
-    # def fetch_to_file(self, selector: str, path: Path) -> AdapterVersion
-    # writes the verified bytes to `path` as they arrive, so the local cache write overlaps the
-    # transfer instead of following it.
+    def get(self, selector: str) -> AdapterVersion: ...
+
+    def fetch_to_file(self, selector: str, path: Path) -> AdapterVersion:
+        """Write the version's safetensors bytes to `path` as they arrive (the cache write
+        overlaps the transfer); returns its record."""
+        ...
+
+
+class AdapterWatcher(Protocol):
+    """Announces the versions of a name after `after` to the manager's `on_published`, in
+    order (the Follower, over the broker's Watch stream)."""
+
+    def watch(self, name: str, after: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -140,18 +156,16 @@ def default_cache_dir() -> Path:
 
 
 class AdapterManager:
-    def __init__(self, engine: LoraEngine, source: AdapterSource, base: BaseModel, cache_dir: Path) -> None:
-        self.engine, self.source, self.base = engine, source, base
+    def __init__(self, engine: LoraEngine, source: AdapterSource, base: BaseModel, cache_dir: Path,
+                 watcher: AdapterWatcher | None = None) -> None:
+        self.engine, self.source, self.base, self.watcher = engine, source, base, watcher
         self.cache_dir = cache_dir
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.latest: dict[str, int] = {}
         self.refused: dict[tuple[str, int], str] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._next_id = 1
-        self.followed: set[str] = set()
-        # Called with an adapter name the first time a request loads it, so that name is
-        # followed from then on (its @latest keeps moving). The server wires the follower here.
-        self.on_first_use = lambda name: None
+        self.followed: set[str] = set()  # names whose new versions the watcher announces
         self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
         # Set (and replaced by a fresh one) whenever loaded, refused or latest change: what
         # WatchAdapters waits on. Created lazily, on the event loop that first asks for it.
@@ -173,56 +187,33 @@ class AdapterManager:
 
     # ------------------------------------------------------------ loading
 
-    def _streams_to_file(self) -> bool:
-        return callable(getattr(self.source, "fetch_to_file", None)) and getattr(self.source, "verifies_sha256", False)
-
-    async def _fetch(self, selector: str, path: Path | None = None) -> tuple[AdapterVersion, bytes | None]:
-        """(record, bytes); with `path`, the bytes are written there instead (fetch_to_file)."""
+    async def _fetch_to(self, selector: str, path: Path) -> AdapterVersion:
         try:
-            if path is not None:
-                return await asyncio.to_thread(self.source.fetch_to_file, selector, path), None  # type: ignore[attr-defined]
-            return await asyncio.to_thread(self.source.fetch, selector)
-        except LoraloopError:
-            raise
-        except Exception as e:  # BrokerError: keep its status meaning
-            code = getattr(getattr(e, "code", None), "name", "")
-            if code == "NOT_FOUND":
-                raise NotFound(f"{selector}: {getattr(e, 'details', e)}") from None
-            if code == "DATA_LOSS":  # not remembered as refused: a later fetch may get good bytes
-                log.error("refused %s: fetched bytes are corrupt (%s)", selector, getattr(e, "details", e))
-                raise AdapterRefused(f"{selector}: bytes are corrupt ({getattr(e, 'details', e)})") from None
-            raise
+            return await asyncio.to_thread(self.source.fetch_to_file, selector, path)
+        except DataLoss as e:  # not remembered as refused: a later fetch may get good bytes
+            log.error("refused %s: fetched bytes are corrupt (%s)", selector, e)
+            raise AdapterRefused(f"{selector}: bytes are corrupt ({e})") from None
 
-    async def load(self, record: AdapterVersion | None, selector: str | None = None) -> LoadedVersion:
+    async def load(self, record: AdapterVersion) -> LoadedVersion:
         """Fetch, verify, write to the local cache and load into the engine (once per version)."""
+        return await self._load(record.name, record.version)
+
+    async def _load(self, name: str, version: int) -> LoadedVersion:
         t0 = time.perf_counter()
-        data: bytes | None = None
-        if record is not None:
-            key = (record.name, record.version)
-        else:
-            sel = parse_selector(selector or "")
-            if sel.is_latest:  # which version, only the broker knows: fetch it to find out
-                record, data = await self._fetch(str(sel))
-                key = (record.name, record.version)
-            else:  # pinned: join a load of it already under way instead of fetching it again
-                key = (sel.name, sel.version)
+        key = (name, version)
         if key in self.loaded:
             return self.loaded[key]
         if key in self.refused:
             raise AdapterRefused(self.refused[key])
-        if key in self._loading:
+        if key in self._loading:  # join the load under way instead of fetching it again
             return await asyncio.shield(self._loading[key])
         fut: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
-        tmp: Path | None = None
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
         try:
-            if data is None:
-                if self._streams_to_file():  # straight into the cache: the write overlaps the transfer
-                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
-                    record, data = await self._fetch(f"{key[0]}@v{key[1]}", tmp / WEIGHTS_NAME)
-                else:
-                    record, data = await self._fetch(f"{key[0]}@v{key[1]}")
-            lv = await self._load_bytes(record, data, fetch_s=time.perf_counter() - t0, fetched_to=tmp)
+            # Straight into the cache: the write overlaps the transfer.
+            record = await self._fetch_to(f"{name}@v{version}", tmp / WEIGHTS_NAME)
+            lv = await self._load_fetched(record, tmp, fetch_s=time.perf_counter() - t0)
             fut.set_result(lv)
             return lv
         except BaseException as e:
@@ -231,19 +222,16 @@ class AdapterManager:
             raise
         finally:
             del self._loading[key]
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)  # moved into the cache unless it failed
+            shutil.rmtree(tmp, ignore_errors=True)  # moved into the cache unless it failed
 
-    async def _load_bytes(self, record: AdapterVersion, data: bytes | None, fetch_s: float,
-                          fetched_to: Path | None = None) -> LoadedVersion:
-        """Check, cache and load a version whose bytes are `data`, or (data None) already in
-        `fetched_to`/adapter_model.safetensors, verified by the source."""
+    async def _load_fetched(self, record: AdapterVersion, fetched_to: Path, fetch_s: float) -> LoadedVersion:
+        """Check, cache and load a version whose bytes are in `fetched_to`/adapter_model.safetensors."""
         key = (record.name, record.version)
         t0 = time.perf_counter()
         try:
             # In a thread: checking and writing tens of MB must not stall the requests being
             # streamed from this event loop meanwhile.
-            path = await asyncio.to_thread(self._check_and_cache, record, data, fetched_to)
+            path = await asyncio.to_thread(self._check_and_cache, record, fetched_to)
         except AdapterRefused as e:
             self.refused[key] = str(e)
             self._notify()
@@ -265,28 +253,23 @@ class AdapterManager:
         self.loads += 1
         self._notify()
         t2 = time.perf_counter()
-        log.info("loaded %s (lora id %d, %d bytes; fetch %.1f ms, check + cache %.1f ms, engine %.1f ms)",
-                 record.ref, handle.lora_id, record.size_bytes, fetch_s * 1e3, (t1 - t0) * 1e3,
-                 (t2 - t1) * 1e3)
+        events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
+                    lora_id=handle.lora_id, size_bytes=record.size_bytes, fetch_ms=round(fetch_s * 1e3, 3),
+                    check_cache_ms=round((t1 - t0) * 1e3, 3), engine_ms=round((t2 - t1) * 1e3, 3))
         return lv
 
-    def _check_and_cache(self, record: AdapterVersion, data: bytes | None, fetched_to: Path | None = None) -> Path:
-        if data is None:  # fetched straight into fetched_to, hashed on the way: check its header
-            if fetched_to is None:
-                raise ValueError("_check_and_cache needs the bytes or the directory they were fetched to")
-            weights = fetched_to / WEIGHTS_NAME
+    def _check_and_cache(self, record: AdapterVersion, fetched_to: Path) -> Path:
+        weights = fetched_to / WEIGHTS_NAME
+        if self.source.verifies_sha256:  # hashed on the way in: its header is what is left to check
             check_adapter(record, read_safetensors_prefix(weights), self.base, sha256_verified=True,
                           size=weights.stat().st_size)
-            tmp = fetched_to
         else:
-            check_adapter(record, data, self.base, getattr(self.source, "verifies_sha256", False))
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
-            (tmp / WEIGHTS_NAME).write_bytes(data)
+            check_adapter(record, weights.read_bytes(), self.base)
         path = self.cache_dir / record.name / f"v{record.version}"
-        (tmp / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
+        (fetched_to / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        os.replace(fetched_to, path)
         return path
 
     async def on_published(self, record: AdapterVersion) -> None:
@@ -302,22 +285,54 @@ class AdapterManager:
             log.info("%s@latest is now v%d", record.name, record.version)
         await self._unload_drained(record.name)
 
+    # ------------------------------------------------------------ following
+
+    async def follow(self, name: str) -> None:
+        """Load the newest version of `name` (if it has one yet), then have the watcher
+        announce every later one. Once per name."""
+        if name in self.followed:
+            return
+        with contextlib.suppress(NotFound):
+            await self._load_latest(name)
+        self._start_following(name)
+
+    async def _load_latest(self, name: str) -> None:
+        await self.on_published(await asyncio.to_thread(self.source.get, f"{name}@latest"))
+
+    def _start_following(self, name: str) -> None:
+        if name not in self.followed:
+            self.followed.add(name)
+            if self.watcher is not None:
+                self.watcher.watch(name, self.latest.get(name, 0))
+
+    async def wait_for(self, name: str, min_version: int, deadline: float) -> None:
+        """Follow `name` and return once its latest loaded version is >= `min_version`;
+        TimeoutError at `deadline` (unix seconds)."""
+        if name not in self.followed:
+            await self.follow(name)
+        while self.latest.get(name, 0) < min_version:
+            changed = self.changed()
+            if self.latest.get(name, 0) >= min_version:
+                return
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"{name}@v{min_version} did not arrive before the deadline")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
     # ------------------------------------------------------------ admission
 
     async def resolve(self, sel: AdapterSelector) -> LoadedVersion:
         if sel.is_latest:
+            if sel.name not in self.followed:  # first use: ask the broker, follow from then on
+                await self._load_latest(sel.name)  # NotFound: an unknown name is not followed
+                self._start_following(sel.name)
             v = self.latest.get(sel.name)
-            if v is None:  # not followed or nothing loaded yet: ask the broker once
-                await self.on_published((await self._fetch(f"{sel.name}@latest"))[0])
-                v = self.latest.get(sel.name)
-                if sel.name not in self.followed:
-                    self.followed.add(sel.name)
-                    self.on_first_use(sel.name)
-                if v is None:
-                    raise AdapterRefused(self.refused.get((sel.name, self._max_refused(sel.name)),
-                                                          f"no servable version of {sel.name}"))
-            return self.loaded.get((sel.name, v)) or await self.load(None, f"{sel.name}@v{v}")
-        return self.loaded.get((sel.name, sel.version)) or await self.load(None, str(sel))
+            if v is None:
+                raise AdapterRefused(self.refused.get((sel.name, self._max_refused(sel.name)),
+                                                      f"no servable version of {sel.name}"))
+            return self.loaded.get((sel.name, v)) or await self._load(sel.name, v)
+        return self.loaded.get((sel.name, sel.version)) or await self._load(sel.name, sel.version)
 
     def _max_refused(self, name: str) -> int:
         return max((v for n, v in self.refused if n == name), default=0)

@@ -1,37 +1,43 @@
-"""Follows adapter names on the broker: a thread consumes the (reconnecting) watch stream
-and hands each announced version to the AdapterManager on the server's event loop, in
-order, one at a time."""
+"""Follower: the AdapterManager's watcher. A thread consumes the (reconnecting) broker watch
+stream for the names the manager follows and hands each announced version to `deliver`
+(the manager's `on_published`) on the server's event loop, in order, one at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from services.broker.client import BrokerClient, WatchStream
-from services.rollout.adapters import AdapterManager
+from services.common.records import AdapterVersion
 
 log = logging.getLogger(__name__)
+Deliver = Callable[[AdapterVersion], Coroutine[Any, Any, None]]
 
 
 class Follower:
-    def __init__(self, client: BrokerClient, manager: AdapterManager, loop: asyncio.AbstractEventLoop) -> None:
-        self.client, self.manager, self.loop = client, manager, loop
+    def __init__(self, client: BrokerClient, loop: asyncio.AbstractEventLoop) -> None:
+        self.client, self.loop = client, loop
         self.after: dict[str, int] = {}
+        self._deliver: Deliver | None = None
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adapter-follower", daemon=True)
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
         self._thread.start()
 
-    def follow(self, name: str, after: int) -> None:
-        """Start following `name` from the version after `after` (no-op if followed)."""
+    def watch(self, name: str, after: int) -> None:
+        """Announce the versions of `name` after `after` (no-op if already watched)."""
         with self._lock:
             if name in self.after:
                 return
             self.after[name] = after
-            self.manager.followed.add(name)
             self._changed.set()
             if self._stream is not None:
                 self._stream.close()  # reopened with the new set of names
@@ -42,9 +48,11 @@ class Follower:
         with self._lock:
             if self._stream is not None:
                 self._stream.close()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
 
     def _run(self) -> None:
+        assert self._deliver is not None
         while not self._stop.is_set():
             with self._lock:
                 names = dict(self.after)
@@ -55,8 +63,7 @@ class Follower:
                 continue
             try:
                 for rec, _live in self._stream:
-                    fut = asyncio.run_coroutine_threadsafe(self.manager.on_published(rec), self.loop)
-                    fut.result()
+                    asyncio.run_coroutine_threadsafe(self._deliver(rec), self.loop).result()
                     with self._lock:
                         self.after[rec.name] = max(self.after.get(rec.name, 0), rec.version)
             except Exception as e:  # a watch that fails for good: log, back off, reopen

@@ -1,4 +1,5 @@
-"""`loraloop rollout`: parses its config, then starts vLLM and the gRPC service."""
+"""`loraloop rollout`: parses its config (before vLLM is imported), then runs services.rollout.app
+until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def main(argv: list[str]) -> int:
                      "the training loop: lease prompts, sample, score, stream trajectories back.", ALIASES)
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s rollout %(name)s: %(message)s")
-    from services.rollout.service import run
+    from services.rollout.app import run
 
     asyncio.run(run(cfg))
     return 0

@@ -14,22 +14,29 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 import uuid
 
 import grpc
 
 from loraloop.v1 import learner_pb2 as lpb
 from loraloop.v1 import learner_pb2_grpc as lpb_grpc
+from loraloop.v1 import rollout_pb2 as rpb
+from services.common.trajectories import (
+    AcceptResult,
+    AckCode,
+    GroupSpec,
+    Lease,
+    SampleRecord,
+    TrajectoryGroupRecord,
+)
 from services.rollout.adapters import AdapterManager
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import Engine, SampleDelta
+from services.rollout.requests import TokenCodec, sampling_from_pb
 from services.rollout.rewards import load_reward_fn, score
-from services.rollout.service import TokenCodec, sampling_from_pb
 
 log = logging.getLogger(__name__)
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-OK, ALREADY_EXISTS = 0, 6
 
 
 class RolloutWorker:
@@ -75,11 +82,12 @@ class RolloutWorker:
                     sem.release()
                     await asyncio.sleep(max(resp.retry_after_ms, 50) / 1000)
                     continue
-                task = asyncio.create_task(self._process(stub, list(resp.leases), sem))
+                leases = [Lease.from_pb(m, self.worker_id) for m in resp.leases]
+                task = asyncio.create_task(self._process(stub, leases, sem))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
-    async def _process(self, stub, leases: list[lpb.Lease], sem: asyncio.Semaphore) -> None:
+    async def _process(self, stub, leases: list[Lease], sem: asyncio.Semaphore) -> None:
         try:
             groups = [g for lease in leases for g in await self.generate(lease)]
             await self.submit(stub, groups)
@@ -88,48 +96,39 @@ class RolloutWorker:
         finally:
             sem.release()
 
-    async def _adapter_at_least(self, name: str, min_version: int, deadline_ms: int) -> None:
-        while self.manager.latest.get(name, 0) < min_version:
-            if time.time() * 1000 > deadline_ms:
-                raise TimeoutError(f"{name}@v{min_version} did not arrive before the lease deadline")
-            await asyncio.sleep(0.02)
-
-    async def generate(self, lease: lpb.Lease) -> list[lpb.TrajectoryGroup]:
-        sampling = sampling_from_pb(lease.sampling, 64)
-        sampling = dataclasses.replace(sampling, logprobs=True)
+    async def generate(self, lease: Lease) -> list[TrajectoryGroupRecord]:
+        params = lease.sampling if lease.sampling is not None else rpb.SamplingParams()
+        sampling = dataclasses.replace(sampling_from_pb(params), logprobs=True)
         fn = self._reward_fns.get(lease.reward_fn) or load_reward_fn(lease.reward_fn or "arithmetic")
         self._reward_fns[lease.reward_fn] = fn
         if lease.adapter_name and lease.min_version:
-            if self.manager.latest.get(lease.adapter_name) is None:
-                async with self.manager.acquire(f"{lease.adapter_name}@latest"):
-                    pass  # first use: load and follow
-            await self._adapter_at_least(lease.adapter_name, lease.min_version, lease.deadline_ms)
+            await self.manager.wait_for(lease.adapter_name, lease.min_version, lease.deadline)
         selector = f"{lease.adapter_name}@latest" if lease.adapter_name else ""
         async with self.manager.acquire(selector) as lv:
             version = lv.record.version if lv else 0
 
-            async def one(g: lpb.PromptGroup) -> lpb.TrajectoryGroup:
+            async def one(g: GroupSpec) -> TrajectoryGroupRecord:
                 ids = list(g.prompt_token_ids) or self.codec.encode(g.prompt_text)
                 self.codec.check(ids, self.cfg.engine.max_model_len, sampling.max_tokens)
                 outs: list[SampleDelta] = [
                     d async for d in self.engine.generate(ids, sampling, lv.handle if lv else None,
                                                           f"{g.group_id}-{uuid.uuid4().hex[:8]}", stream=False)
                 ]
-                extra = json.loads(g.extra_info_json) if g.extra_info_json else None
                 samples = []
                 for d in sorted(outs, key=lambda d: d.index):
-                    r = score(fn, g.data_source, d.text, g.ground_truth, extra)
-                    samples.append(lpb.Sample(
-                        response_token_ids=d.token_ids, logprobs=d.logprobs, reward=r.score,
-                        reward_details_json=json.dumps(r.details), finish_reason=d.finish_reason,
-                        adapter_version=version, reward_error=r.error or "",
+                    r = score(fn, g.data_source, d.text, g.ground_truth, g.extra_info)
+                    samples.append(SampleRecord(
+                        response_token_ids=tuple(d.token_ids), logprobs=tuple(d.logprobs), reward=r.score,
+                        adapter_version=version, finish_reason=d.finish_reason,
+                        reward_details_json=json.dumps(r.details), reward_error=r.error or "",
                     ))
-                return lpb.TrajectoryGroup(lease_id=lease.lease_id, group_id=g.group_id, prompt_token_ids=ids,
-                                           adapter_name=lease.adapter_name, samples=samples)
+                return TrajectoryGroupRecord(lease_id=lease.lease_id, group_id=g.group_id,
+                                             prompt_token_ids=tuple(ids), adapter_name=lease.adapter_name,
+                                             samples=tuple(samples))
 
             return list(await asyncio.gather(*(one(g) for g in lease.groups)))
 
-    async def submit(self, stub, groups: list[lpb.TrajectoryGroup]) -> None:
+    async def submit(self, stub, groups: list[TrajectoryGroupRecord]) -> None:
         """Send until every group is acknowledged; re-send only what was not."""
         pending = {g.group_id: g for g in groups}
         delay = 0.2
@@ -141,17 +140,17 @@ class RolloutWorker:
             try:
                 call = stub.SubmitTrajectories(timeout=60, metadata=self.metadata)
                 for g in list(pending.values()):
-                    await call.write(g)
+                    await call.write(g.to_pb())
                 await call.done_writing()
-                async for ack in call:
-                    g = pending.pop(ack.group_id, None)
-                    if g is None:
+                async for msg in call:
+                    ack = AcceptResult.from_pb(msg)
+                    if pending.pop(ack.group_id, None) is None:
                         continue
-                    if ack.code in (OK, ALREADY_EXISTS):
-                        self.stats["groups_submitted"] += ack.code == OK
+                    if ack.status.delivered:
+                        self.stats["groups_submitted"] += ack.status is AckCode.OK
                     else:
                         self.stats["groups_refused"] += 1
-                        log.warning("learner refused group %s: code %d %s", ack.group_id, ack.code, ack.message)
+                        log.warning("learner refused group %s: %s %s", ack.group_id, ack.status.name, ack.message)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _RETRY:
                     log.error("submit failed: %s %s; %d groups left to the learner's re-lease",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
 
+from services.common import events
 from services.learner.metrics import read_metrics
+from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.proctree import alive, descendants
 
 STEPS = 200
@@ -41,7 +42,8 @@ def test_demo_learns_and_stops_every_process(tmp_path):
     assert last - first >= 0.07, (first, last)
     # One adapter version per step, and every version reached the rollout server.
     assert [r["policy_version"] for r in rows] == list(range(2, STEPS + 2))
-    loaded = {int(v) for v in re.findall(r"loaded policy@v(\d+)", (run / "logs" / "rollout-0.log").read_text())}
+    loaded = {e["version"] for e in events.read_file(run / "logs" / "rollout-0.log", ADAPTER_LOADED)
+              if e["name"] == "policy"}
     assert set(range(1, STEPS + 1)) <= loaded  # v(STEPS+1) is published as the run ends
     # Batches came from versions within the staleness bound (max_staleness 1).
     assert all(r["policy_version"] - 1 - r["rollout/version_min"] <= 1 for r in rows)

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
+from services.common import events
 from services.learner.metrics import read_metrics
+from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.procs import free_port
 from tests.support.proctree import alive, descendants, scratch_dirs
 
@@ -41,7 +43,8 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
                                       "LORALOOP_TOKENS": f"client:{env['LORALOOP_CLIENT_TOKEN']}",
                                       "VLLM_CPU_OMP_THREADS_BIND": "1"},
                                  stdout=extra_log, stderr=subprocess.STDOUT)
-        while "loaded policy@v" not in (tmp_path / "extra-rollout.log").read_text():  # caught up
+        while not [e for e in events.read_file(tmp_path / "extra-rollout.log", ADAPTER_LOADED)
+                   if e["name"] == "policy"]:  # caught up
             assert extra.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         while len(read_metrics(run)) < 20:  # training under way, both replicas at work

@@ -37,9 +37,14 @@ class FakeEngine:
 
 
 class FakeBroker:
+    """An adapter source that does not check the bytes it hands over (the manager hashes them)."""
+
+    verifies_sha256 = False
+
     def __init__(self) -> None:
         self.versions: dict[tuple[str, int], tuple[AdapterVersion, bytes]] = {}
         self.fetches = 0
+        self.to_file = 0
 
     def publish(self, name: str, seed: int, fingerprint: str = FP, rank: int = 4) -> AdapterVersion:
         cfg, data = make_adapter(seed=seed, rank=rank)
@@ -55,21 +60,11 @@ class FakeBroker:
     def fetch(self, selector: str):
         self.fetches += 1
         name, _, ver = selector.partition("@")
-        v = max(k[1] for k in self.versions if k[0] == name) if ver in ("", "latest") else int(ver[1:])
+        v = max((k[1] for k in self.versions if k[0] == name), default=0) if ver in ("", "latest") else int(ver[1:])
         if (name, v) not in self.versions:
             raise NotFound(selector)
         return self.versions[(name, v)]
 
-
-class FakeFileBroker(FakeBroker):
-    """Writes the bytes into the manager's file as they come, as BrokerClient.fetch_to_file
-    does (which verifies them against the record on the way)."""
-
-    verifies_sha256 = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_file = 0
 
     def fetch_to_file(self, selector: str, path):
         rec, data = self.fetch(selector)
@@ -78,7 +73,22 @@ class FakeFileBroker(FakeBroker):
         return rec
 
 
-BROKERS = {"bytes": FakeBroker, "to file": FakeFileBroker}
+class FakeFileBroker(FakeBroker):
+    """A source that verifies the bytes against the record on the way, as
+    BrokerClient.fetch_to_file does."""
+
+    verifies_sha256 = True
+
+
+class FakeWatcher:
+    def __init__(self) -> None:
+        self.watched: list[tuple[str, int]] = []
+
+    def watch(self, name: str, after: int) -> None:
+        self.watched.append((name, after))
+
+
+BROKERS = {"unverified": FakeBroker, "verified": FakeFileBroker}
 
 
 @pytest.fixture(params=list(BROKERS))
@@ -213,8 +223,7 @@ def test_a_request_pinning_a_version_being_loaded_waits_for_that_load(setup):
 
 def test_first_use_of_an_unfollowed_name_starts_following(setup):
     _engine, broker, m = setup
-    followed = []
-    m.on_first_use = followed.append
+    m.watcher = watcher = FakeWatcher()
     broker.publish("q", 1)
 
     async def scenario():
@@ -224,7 +233,7 @@ def test_first_use_of_an_unfollowed_name_starts_following(setup):
             pass
 
     run(scenario())
-    assert followed == ["q"] and "q" in m.followed
+    assert watcher.watched == [("q", 1)] and "q" in m.followed
 
 
 @pytest.mark.parametrize("source_verifies", [False, True])
@@ -309,5 +318,47 @@ def test_changes_set_the_changed_event(setup):
         ev = m.changed()
         await m.on_published(broker.publish("p", 3, rank=32))
         assert ev.is_set() and ("p", 3) in m.refused
+
+    run(scenario())
+
+
+def test_follow_loads_the_newest_then_hands_the_name_to_the_watcher(tmp_path):
+    broker, watcher = FakeBroker(), FakeWatcher()
+    m = AdapterManager(FakeEngine(), broker, BaseModel(FP, WEIGHTS, 16), tmp_path, watcher=watcher)
+    broker.publish("p", 1)
+    broker.publish("p", 2)
+
+    async def scenario():
+        await m.follow("p")
+        await m.follow("p")  # once per name
+        await m.follow("later")  # nothing published yet: followed from v0
+        assert watcher.watched == [("p", 2), ("later", 0)] and m.followed == {"p", "later"}
+        assert m.latest == {"p": 2} and set(m.loaded) == {("p", 2)}
+        with pytest.raises(NotFound):  # a request for an unknown name does not follow it
+            async with m.acquire("nobody"):
+                pass
+        assert "nobody" not in m.followed and len(watcher.watched) == 2
+
+    run(scenario())
+
+
+def test_wait_for_returns_when_the_version_is_loaded_and_times_out_at_the_deadline(setup):
+    _engine, broker, m = setup
+    m.watcher = watcher = FakeWatcher()
+    broker.publish("p", 1)
+
+    async def scenario():
+        import time
+
+        waiter = asyncio.create_task(m.wait_for("p", 2, time.time() + 5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and watcher.watched == [("p", 1)]  # followed, v1 loaded, waiting
+        await m.on_published(broker.publish("p", 2))  # what the watcher delivers
+        await asyncio.wait_for(waiter, 1)
+        await m.wait_for("p", 2, time.time())  # already there: no wait, even at the deadline
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="p@v3"):
+            await m.wait_for("p", 3, time.time() + 0.2)
+        assert 0.15 < time.monotonic() - t0 < 2
 
     run(scenario())

@@ -1,5 +1,5 @@
-"""The learner's training loop (every rank runs it; rank 0 also serves leases and talks to
-the broker).
+"""The learner process: its training loop (every rank runs it; rank 0 also serves leases and
+talks to the broker), run until the configured step count or a stop event.
 
     start/resume -> publish the current adapter -> repeat:
         rank 0: keep the lease table fed, wait for a batch of groups, collate it
@@ -9,6 +9,12 @@ the broker).
 On resume the learner takes a new publisher epoch and republishes the checkpoint's adapter
 as a new version, so rollouts generate with the weights the learner really has, and no
 version number is ever reused.
+
+Stopping (`stop` set: SIGTERM/SIGINT from the CLI, `LearnerRank.stop()` under Ray): rank 0
+stops waiting for trajectories, every rank leaves the loop at the same step (rank 0's
+decision travels with the batch broadcast), and the lease service drains. Rollout servers
+are not told training is finished, so a restarted learner picks them up again; work since
+the last checkpoint is redone, as after a crash.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loraloop.v1 import learner_pb2_grpc as pb_grpc
 from loraloop.v1 import rollout_pb2 as rpb
 from services.common.memory import release_freed_memory
 from services.learner.batch import broadcast, collate, comm_device
@@ -62,10 +69,11 @@ class Coordinator:
 
         from services.broker.client import BrokerClient
         from services.common.fingerprint import model_fingerprint
+        from services.common.grpc_server import Registration, ServerThread
         from services.learner.data import PromptStream, load_prompts
         from services.learner.leases import LeaseTable
         from services.learner.metrics import MetricsWriter
-        from services.learner.service import LearnerService, LearnerServicer
+        from services.learner.service import ROLES_OF_METHOD, SERVICE, LearnerServicer
 
         self.cfg = cfg
         self.broker = BrokerClient(cfg.broker, os.environ.get(cfg.token_env))
@@ -85,12 +93,12 @@ class Coordinator:
             self.table.load_state_dict(state["leases"])
             self.table.expire_leases()
             self.run_id = state["run_id"]
-        self.lock = threading.Lock()
         self.changed = threading.Event()
         sampling = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
                                       n=d.samples_per_group, logprobs=True)
-        self.servicer = LearnerServicer(self.table, self.lock, sampling, d.reward_fn, on_change=self.changed.set)
-        self.service = LearnerService(cfg, self.servicer)
+        self.servicer = LearnerServicer(self.table, sampling, d.reward_fn, on_change=self.changed.set)
+        self.service = ServerThread([Registration(pb_grpc.add_LearnerServicer_to_server, self.servicer, SERVICE)],
+                                    cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, name="learner-grpc")
         self.metrics = MetricsWriter(cfg.run_dir)
 
     def start_service(self) -> int:
@@ -103,8 +111,7 @@ class Coordinator:
     def publish(self, adapter_dir: Path, step: int) -> int:
         rec, _ = self.broker.publish_dir(self.cfg.adapter_name, self.epoch, adapter_dir, self.fingerprint,
                                          learner_step=step, publish_id=f"{self.run_id}:e{self.epoch}:s{step}")
-        with self.lock:
-            self.table.set_version(rec.version)
+        self.table.set_version(rec.version)
         return rec.version
 
     def _feed(self) -> None:
@@ -115,13 +122,13 @@ class Coordinator:
             text, ids = render(p, self.tokenizer)
             self.table.add(p.uid, ids, text, p.data_source, p.ground_truth, p.extra_info)
 
-    def next_groups(self) -> list:
-        """Block until a batch of groups is accepted; keep the table fed meanwhile."""
+    def next_groups(self, stop: threading.Event) -> list | None:
+        """Block until a batch of groups is accepted (None once `stop` is set); keep the table
+        fed meanwhile."""
         last_log = time.monotonic()
-        while True:
-            with self.lock:
-                self._feed()
-                groups = self.table.take_batch(self.cfg.data.groups_per_step)
+        while not stop.is_set():
+            self._feed()
+            groups = self.table.take_batch(self.cfg.data.groups_per_step)
             if groups is not None:
                 return groups
             self.changed.wait(0.5)
@@ -129,16 +136,19 @@ class Coordinator:
             if time.monotonic() - last_log > 30:
                 log.info("waiting for trajectories: %s", self.table.stats())
                 last_log = time.monotonic()
+        return None
 
     def state(self, version: int, trainer: Trainer) -> dict:
-        with self.lock:
-            return {"version": version, "epoch": self.epoch, "run_id": self.run_id,
-                    "scheduler": trainer.scheduler.state_dict(), "data": self.stream.state_dict(),
-                    "leases": self.table.state_dict()}
+        return {"version": version, "epoch": self.epoch, "run_id": self.run_id,
+                "scheduler": trainer.scheduler.state_dict(), "data": self.stream.state_dict(),
+                "leases": self.table.state_dict()}
 
-    def close(self) -> None:
-        self.servicer.finished = True
-        time.sleep(min(2.0, self.cfg.data.lease_deadline_s))  # let rollouts hear "finished"
+    def close(self, finished: bool) -> None:
+        """Drain the lease service; with `finished`, first let the rollouts hear that training
+        is over (they stop asking)."""
+        if finished:
+            self.servicer.finished = True
+            time.sleep(min(2.0, self.cfg.data.lease_deadline_s))
         self.service.stop()
         self.metrics.close()
         self.broker.close()
@@ -156,7 +166,9 @@ def _publish_adapter(policy: Policy, coord: Coordinator | None, step: int) -> in
     return version
 
 
-def run(cfg: LearnerConfig) -> None:
+def run(cfg: LearnerConfig, stop: threading.Event | None = None) -> None:
+    """Train to `cfg.steps`, or until `stop` is set (see the module docstring)."""
+    stop = stop or threading.Event()
     if cfg.release_freed_memory:
         release_freed_memory()
     _init_distributed()
@@ -182,15 +194,19 @@ def run(cfg: LearnerConfig) -> None:
     if coord:
         coord.start_service()
         log.info("step %d: serving adapter %s@v%d (epoch %d)", start, cfg.adapter_name, version, coord.epoch)
+    finished = False
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             batch = None
             if coord:
-                groups = coord.next_groups()
-                batch = collate(groups)
+                groups = coord.next_groups(stop)
+                batch = collate(groups) if groups is not None else None
             t_wait = time.perf_counter() - t0
             batch = broadcast(batch)
+            if batch is None:  # rank 0 was stopped
+                log.info("stopped before step %d", step + 1)
+                break
             metrics = trainer.step(batch)
             version = _publish_adapter(policy, coord, step + 1)
             if coord:
@@ -210,8 +226,10 @@ def run(cfg: LearnerConfig) -> None:
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(cfg.run_dir, step + 1, policy, trainer.optimizer,
                                 coord.state(version, trainer) if coord else {}, cfg.checkpoint.keep_last)
+        else:
+            finished = True
     finally:
         if coord:
-            coord.close()
+            coord.close(finished)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,81 @@
+"""The rollout process: one vLLM engine with the base model, the adapter manager and its
+follower, the Rollout gRPC service, and (with `learner` set) the training worker; served
+until SIGTERM/SIGINT or `stop`, then drained. Whatever happens, the engine's processes and
+scratch files go with it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+from loraloop.v1 import rollout_pb2_grpc as pb_grpc
+from services.broker.client import BrokerClient
+from services.common.grpc_server import Registration, serve
+from services.rollout.adapters import AdapterManager, BaseModel, default_cache_dir
+from services.rollout.config import RolloutConfig
+from services.rollout.engine import Engine
+from services.rollout.follower import Follower
+from services.rollout.requests import TokenCodec
+from services.rollout.service import ROLES_OF_METHOD, SERVICE, RolloutServicer
+
+log = logging.getLogger(__name__)
+
+
+async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
+    token = os.environ.get(cfg.token_env)
+    broker = BrokerClient(cfg.broker, token)
+    engine = Engine(cfg.engine)
+    manager: AdapterManager | None = None
+    follower = Follower(broker, asyncio.get_running_loop())
+    try:
+        await engine.start()
+        base = BaseModel.from_dir(cfg.engine.model, cfg.engine.max_lora_rank)
+        cache = Path(cfg.adapters.dir) if cfg.adapters.dir else default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        manager = AdapterManager(engine, broker, base, cache, watcher=follower)
+        follower.start(manager.on_published)
+        for name in cfg.adapters.follow:
+            await manager.follow(name)
+        codec = TokenCodec(cfg.engine.model)
+        worker_task = None
+        if cfg.learner:
+            from services.rollout.worker import RolloutWorker
+
+            worker = RolloutWorker(cfg, engine, manager, codec, token,
+                                   cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}")
+            worker_task = asyncio.create_task(worker.run())
+
+        def started(port: int) -> None:
+            print(f"loraloop rollout listening on {cfg.server.host}:{port} (base {base.fingerprint[:19]}…)", flush=True)
+
+        async def stopping() -> None:
+            if worker_task:
+                worker_task.cancel()
+            follower.stop()
+
+        await serve([Registration(pb_grpc.add_RolloutServicer_to_server,
+                                  RolloutServicer(engine, manager, codec, cfg), SERVICE)],
+                    cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, on_started=started, on_stopping=stopping,
+                    stop_event=stop)
+    finally:
+        follower.stop()
+        engine.shutdown()  # also when the start failed: its children and sockets go too
+        if manager is not None:
+            manager.close()
+        broker.close()
+        reap_children()
+
+
+def reap_children(timeout_s: float = 10.0) -> None:
+    """vLLM's engine runs in child processes; do not exit before they have (a stopped
+    server leaves nothing behind)."""
+    for child in multiprocessing.active_children():
+        child.join(timeout_s)
+        if child.is_alive():
+            log.warning("engine process %d did not exit; killing it", child.pid)
+            child.kill()
+            child.join(5)
