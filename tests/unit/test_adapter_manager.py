@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -221,9 +222,16 @@ def test_a_request_pinning_a_version_being_loaded_waits_for_that_load(setup):
     run(scenario())
 
 
-def test_first_use_of_an_unfollowed_name_starts_following(setup):
+@pytest.fixture
+def watched(setup):
+    """(broker, manager, watcher): the setup with a watcher that records what it is asked to watch."""
     _engine, broker, m = setup
-    m.watcher = watcher = FakeWatcher()
+    m.watcher = FakeWatcher()
+    return broker, m, m.watcher
+
+
+def test_first_use_of_an_unfollowed_name_starts_following(watched):
+    broker, m, watcher = watched
     broker.publish("q", 1)
 
     async def scenario():
@@ -342,14 +350,11 @@ def test_follow_loads_the_newest_then_hands_the_name_to_the_watcher(tmp_path):
     run(scenario())
 
 
-def test_wait_for_returns_when_the_version_is_loaded_and_times_out_at_the_deadline(setup):
-    _engine, broker, m = setup
-    m.watcher = watcher = FakeWatcher()
+def test_wait_for_returns_when_the_version_is_loaded_and_times_out_at_the_deadline(watched):
+    broker, m, watcher = watched
     broker.publish("p", 1)
 
     async def scenario():
-        import time
-
         waiter = asyncio.create_task(m.wait_for("p", 2, time.time() + 5))
         await asyncio.sleep(0.05)
         assert not waiter.done() and watcher.watched == [("p", 1)]  # followed, v1 loaded, waiting
