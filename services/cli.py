@@ -17,9 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("services.common.tiny_model", "build a small Qwen2 model + tokenizer (HF layout) from a seed"),
     "learner": ("services.learner.server", "run the learner: GRPO/PPO with LoRA under FSDP2, publishes adapters"),
     "export": ("services.learner.export", "write an adapter as a PEFT dir, or merged into its base (--merge)"),
-    "up": ("services.stack", "bring the local stack up (Redis + broker; more services as they land)"),
+    "up": ("services.stack", "run the whole loop locally: Redis, broker, learner, rollout replicas"),
     "plot": ("services.plot", "draw a run's reward, KL, entropy and response-length curves to a PNG"),
-    "bench": ("services.bench", "benchmarks that print their figures (bench broker ...)"),
+    "bench": ("services.bench", "benchmarks that print their figures (broker, rollout, learner)"),
     "proto": ("services.common.protogen", "regenerate (gen) or verify (check) the code generated from proto/"),
 }
 

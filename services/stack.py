@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common import redis_server
 from services.common.config import config_cli, to_toml
 from services.common.net import free_port
 from services.stack_config import ALIASES, StackConfig
@@ -162,8 +163,6 @@ def learner_cpus(cfg: StackConfig) -> set[int] | None:
 
 
 def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -> Stack:
-    import redis
-
     tokens = {role: secrets.token_urlsafe(24) for role in ("learner", "rollout", "client")}
     password = secrets.token_hex(16)
     env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
@@ -172,21 +171,11 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     py = [sys.executable, "-m", "services.cli"]
     # Redis
     redis_port = free_port()
-    (run_dir / "redis").mkdir(parents=True, exist_ok=True)
-    sup.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir",
-                        str(run_dir / "redis"), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                        "--requirepass", password])
-    r = redis.Redis(port=redis_port, password=password, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if r.ping():
-                break
-        except redis.RedisError:
-            if sup.procs["redis"].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis did not start:\n{sup.log_tail('redis')}") from None
-            time.sleep(0.1)
-    r.close()
+    sup.start("redis", redis_server.command(redis_port, run_dir / "redis", password=password))
+    try:
+        redis_server.wait_ready(redis_port, password=password, exited=lambda: sup.procs["redis"].poll() is not None)
+    except RuntimeError:
+        raise RuntimeError(f"redis did not start:\n{sup.log_tail('redis')}") from None
     # Broker
     b = cfg.broker.model_copy(deep=True)
     b.server.port, b.redis.url = free_port(), f"redis://127.0.0.1:{redis_port}/0"
@@ -276,8 +265,10 @@ def main(argv: list[str]) -> int:
                      "machine. With no CONFIG: the tiny arithmetic demo (builds and warm-starts the tiny\n"
                      "model on first run) that visibly learns on 2 CPU cores; see examples/ for others.",
                      ALIASES)
-    if shutil.which("redis-server") is None:
-        print("loraloop up: redis-server not found (Debian: apt-get install redis-server)", file=sys.stderr)
+    try:
+        redis_server.require()
+    except RuntimeError as e:
+        print(f"loraloop up: {e}", file=sys.stderr)
         return 1
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,9 @@ import ctypes
 import importlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +24,9 @@ from typing import Any
 
 import ray
 
+from services.common import redis_server
 from services.common.net import free_port, wait_healthy
+from services.common.proc import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -85,37 +85,22 @@ def _die_with_parent() -> None:
 @ray.remote
 class RedisServer:
     """redis-server as this actor's child: AOF with appendfsync always (the broker refuses
-    anything less), password-protected (given on stdin, never on the command line)."""
+    anything less), password-protected (in a 0600 file, never on the command line)."""
 
     def __init__(self, data_dir: str, host: str | None, password: str) -> None:
-        if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server not found on this node (Debian: apt-get install redis-server)")
-        import redis
-
+        redis_server.require()
         self.host = node_address(host)
         self.port = free_port(self.host)
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "-", "--port", str(self.port), "--bind", self.host, "--dir", data_dir,
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--logfile", str(Path(data_dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"requirepass {password}\n".encode())
-        self.proc.stdin.close()
-        client = redis.Redis(host=self.host, port=self.port, password=password, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start; see {data_dir}/redis.log")
-            time.sleep(0.1)
-        client.close()
+        args = redis_server.command(self.port, data_dir, host=self.host, password=password,
+                                    logfile=Path(data_dir) / "redis.log")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        try:
+            redis_server.wait_ready(self.port, host=self.host, password=password,
+                                    exited=lambda: self.proc.poll() is not None)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}; see {data_dir}/redis.log") from None
 
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
@@ -124,13 +109,7 @@ class RedisServer:
         return process_tree()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout_s=timeout_s)
 
 
 @ray.remote(max_concurrency=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def emit(report: str, result: dict, out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}")
+
+
+def percentile(xs: list[float], q: int) -> float:
+    """The q-th percentile (inclusive method); a single sample is its own percentile."""
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+
+def read_lines(path: str) -> list[str]:
+    """A text file's lines, or none where it cannot be read (e.g. /proc on another OS)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def usage() -> str:

@@ -17,7 +17,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.bench import emit
+from services.bench import emit, percentile, read_lines
+from services.common import redis_server
 from services.common.net import free_port
+from services.common.proc import stop_process
 
 if TYPE_CHECKING:
     import redis
@@ -69,45 +70,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------ processes
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM this one process (by its pid), then SIGKILL if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """redis-server as the broker requires it: AOF with appendfsync always."""
-    import redis
-
-    if shutil.which("redis-server") is None:
-        raise SystemExit("loraloop bench broker: redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-         "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + 15
+    """redis-server as the broker requires it (services.common.redis_server), logging to workdir."""
     try:
-        while True:
-            try:
-                if client.ping():
-                    return proc, f"redis://127.0.0.1:{port}/0"
-            except redis.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
-                raise SystemExit(f"redis-server did not start; see {workdir / 'redis.log'}")
-            time.sleep(0.05)
-    finally:
-        client.close()
+        redis_server.require()
+        port = free_port()
+        proc = subprocess.Popen(redis_server.command(port, workdir, logfile=workdir / "redis.log"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            redis_server.wait_ready(port, exited=lambda: proc.poll() is not None, timeout_s=15)
+        except RuntimeError:
+            stop_process(proc)
+            raise
+    except RuntimeError as e:
+        raise SystemExit(f"loraloop bench: {e}; see {workdir / 'redis.log'}") from None
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_broker(redis_url: str, workdir: Path, tokens: dict[str, str],
@@ -132,7 +109,7 @@ def start_broker(redis_url: str, workdir: Path, tokens: dict[str, str],
             except TimeoutError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
+                stop_process(proc)
                 raise SystemExit(f"broker did not start:\n{log_path.read_text()[-2000:]}")
 
 
@@ -237,10 +214,6 @@ def measure_size(size_mb: float, repeats: int, pub: BrokerClient, reader: Broker
 # ------------------------------------------------------------------ watch
 
 
-def _pct(xs: list[float], q: int) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
-
-
 def measure_watch(target: str, tokens: dict[str, str], watchers: int, publishes: int,
                   spacing_s: float) -> dict:
     """`watchers` threads, each its own client and watch stream on one name; `publishes` small
@@ -307,11 +280,11 @@ def measure_watch(target: str, tokens: dict[str, str], watchers: int, publishes:
     return {
         "watchers": watchers, "publishes": publishes, "spacing_ms": spacing_s * 1000,
         "events": len(from_call),
-        "from_call_ms": {"p50": _pct(from_call, 50) * 1000, "p99": _pct(from_call, 99) * 1000,
+        "from_call_ms": {"p50": percentile(from_call, 50) * 1000, "p99": percentile(from_call, 99) * 1000,
                          "max": max(from_call) * 1000},
-        "from_ack_ms": {"p50": _pct(from_ack, 50) * 1000, "p99": _pct(from_ack, 99) * 1000,
+        "from_ack_ms": {"p50": percentile(from_ack, 50) * 1000, "p99": percentile(from_ack, 99) * 1000,
                         "max": max(from_ack) * 1000},
-        "publish_call_ms": {"p50": _pct(ack_ms, 50), "p99": _pct(ack_ms, 99)},
+        "publish_call_ms": {"p50": percentile(ack_ms, 50), "p99": percentile(ack_ms, 99)},
     }
 
 
@@ -322,8 +295,8 @@ def machine_info(r: redis.Redis, workdir: Path) -> dict:
     import grpc
     import redis as redis_py
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _read_lines("/proc/cpuinfo") if ln.startswith("model name")), "")
-    mounts = [ln.split() for ln in _read_lines("/proc/mounts")]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in read_lines("/proc/cpuinfo") if ln.startswith("model name")), "")
+    mounts = [ln.split() for ln in read_lines("/proc/mounts")]
     fs = max((m for m in mounts if len(m) > 2 and str(workdir).startswith(m[1])), key=lambda m: len(m[1]), default=None)
     persistence = r.info("persistence")
     return {
@@ -333,13 +306,6 @@ def machine_info(r: redis.Redis, workdir: Path) -> dict:
         "grpcio": grpc.__version__, "redis_dir_fs": fs[2] if fs else "unknown",
         "redis_aof_rewrites": persistence.get("aof_rewrites"),
     }
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
 
 
 def report(result: dict) -> str:
@@ -412,8 +378,8 @@ def main(argv: list[str]) -> int:
         }
         r.close()
     finally:
-        _stop(broker_proc)
-        _stop(redis_proc)
+        stop_process(broker_proc)
+        stop_process(redis_proc)
         shutil.rmtree(workdir, ignore_errors=True)
     emit(report(result), result, args.out)
     return 0

@@ -43,16 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.bench import emit
-from services.bench.broker import (
-    ROLES,
-    _pct,
-    _read_lines,
-    _stop,
-    start_broker,
-    start_redis,
-)
+from services.bench import emit, percentile, read_lines
+from services.bench.broker import ROLES, start_broker, start_redis
 from services.common import scratch
+from services.common.proc import stop_process
 
 if TYPE_CHECKING:
     from services.broker.client import BrokerClient
@@ -260,7 +254,7 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
             wait_healthy(target, 300, still_alive)
             return proc, target
         except (RuntimeError, TimeoutError) as e:
-            _stop(proc)
+            stop_process(proc)
             if "Failed to bind to address" in log_path.read_text() and attempt < BIND_ATTEMPTS:
                 print(f"rollout server could not bind {target} (taken since it was picked); trying another port",
                       file=sys.stderr)
@@ -405,7 +399,7 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
         time.sleep(0.1)  # let the server drop the drained version before the next round
 
     def q(xs: list[float]) -> dict:
-        return {"p50": _pct(xs, 50), "p95": _pct(xs, 95)}
+        return {"p50": percentile(xs, 50), "p95": percentile(xs, 95)}
 
     served, floor = q([s.served for s in samples]), q([s.floor for s in samples])
     from_ack, floor_b = q([s.served_from_ack for s in samples]), q([s.floor_with_first_token for s in samples])
@@ -440,7 +434,7 @@ def server_parts(workdir: Path, samples: list[dict]) -> dict:
             if e["name"] == "bench" and e["version"] in timed:
                 for key in rows:
                     rows[key].append(float(e[f"{key}_ms"]))
-    return {k: {"p50": _pct(v, 50), "p95": _pct(v, 95)} for k, v in rows.items() if v}
+    return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95)} for k, v in rows.items() if v}
 
 
 # ------------------------------------------------------------------ report
@@ -452,8 +446,8 @@ def machine_info() -> dict:
     import transformers
     import vllm
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _read_lines("/proc/cpuinfo") if ln.startswith("model name")), "")
-    mem = next((int(ln.split()[1]) * 1024 for ln in _read_lines("/proc/meminfo") if ln.startswith("MemTotal")), 0)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in read_lines("/proc/cpuinfo") if ln.startswith("model name")), "")
+    mem = next((int(ln.split()[1]) * 1024 for ln in read_lines("/proc/meminfo") if ln.startswith("MemTotal")), 0)
     return {
         "nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": cpu,
         "mem_bytes": mem, "python": platform.python_version(), "platform": platform.platform(),
@@ -580,14 +574,14 @@ async def run(args: argparse.Namespace, workdir: Path, shm: Path) -> dict:
                         hotload.append(await measure_hotload(engine, model_dir, adapters[1:], args.hotloads, stub,
                                                              pub, reader, shm, next_id=100))
                     stub.close()
-                    _stop(rollout_proc)
+                    stop_process(rollout_proc)
                     procs.remove(rollout_proc)
                     hotload[-1]["server_parts_ms"] = server_parts(workdir, hotload[-1]["samples"])
             finally:
                 engine.shutdown()
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)
     machine["loadavg_end"] = list(os.getloadavg())
     met = {}
     if throughput:

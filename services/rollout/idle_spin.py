@@ -5,17 +5,15 @@ vLLM's engine processes hand work to each other through shared-memory queues
 queue empty spins (`sched_yield` in a loop) until `busy_loop_s` has passed since its last
 message, and only then sleeps on a zmq socket; vLLM 0.32 fixes that at 1 s. A GPU host loses an
 idle core to it; a 2-core CPU host loses half the machine for a second after every burst of
-work, while the broker, the learner or the server's next adapter fetch need that core: after a
-one-token Generate the rollout server's engine worker burned 0.97 s of CPU in the next 2 s
-(0.03 s with the 50 ms bound; tests/integration/test_rollout_engine.py checks it).
+work, while the broker, the learner or the server's next adapter fetch need that core
+(tests/integration/test_rollout_engine.py checks an idle engine does not spin).
 
 `register` (a `vllm.general_plugins` entry point, so it runs in every vLLM process) lowers
 `busy_loop_s` of every reader to `LORALOOP_IDLE_SPIN_MS` (`engine.idle_spin_ms`, which
 Engine.start exports). The bound must stay above the gaps between messages while a batch is
-generated, or readers fall asleep between steps: at 2 ms the tiny model generated ~1.5k tok/s
-instead of ~17k; at 50 ms its throughput stayed within this machine's run-to-run noise of the
-stock value (15-19k tok/s either way). Only the CPU platform is changed;
-`LORALOOP_IDLE_SPIN_MS=1000` is vLLM's own.
+generated, or readers fall asleep between steps and throughput collapses: DEFAULT_MS kept it
+within run-to-run noise of vLLM's 1 s (figures: docs/benchmarks-notes.md). Only the CPU
+platform is changed; `LORALOOP_IDLE_SPIN_MS=1000` is vLLM's own.
 """
 
 from __future__ import annotations

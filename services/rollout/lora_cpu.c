@@ -135,8 +135,8 @@ SHRINK_ITEM(f32, float, f32id, ld_f32, ld_f32_m)
 /* Work item: one segment x TILE columns (tile t). Each row's accumulators stay in L1 while the r
  * loop streams the segment's B rows through them; the B tile (R x TILE) is shared by the
  * segment's rows from cache. Plain loops that the compiler vectorizes: the portable expand. (The
- * blocked items below are 2-2.5x faster where they are built; an earlier register-blocked
- * version measured slower only because gcc kept its accumulators in memory: see their notes.) */
+ * blocked items below are faster where they are built, provided their accumulators stay in
+ * registers: see their notes.) */
 #define EXPAND_ITEM(SUF, T, LOAD, STORE)                                                         \
     static inline void expand_item_##SUF(T* y, int64_t ldy, const float* buf, int64_t ldb,       \
                                          const T* B, int64_t sB, int64_t ldB, int64_t R,         \

@@ -1,32 +1,17 @@
 """Faster LoRA ops for vLLM's CPU punica wrapper, installed into every vLLM process as a plugin.
 
-vLLM's CPU LoRA path (`vllm/lora/ops/torch_ops`, called by `PunicaWrapperCPU`) gathers every
-token's adapter matrices (`lora_weights[token_indices]`, a copy per token) and einsums over
-them, once per slice (q, k, v / gate, up): LoRA r=16 ran at 0.25x base tok/s. Here the token ->
-adapter mapping is grouped once per mapping change (in `update_metadata`), the slices' A
-matrices are concatenated once per adapter load (only the slot it is loaded into is copied),
-and each LoRA layer is:
-- one adapter for every token (the training case): `buf = x @ A^T` (one matmul over all slices)
-  and `y[:, slice] += buf[:, slice] @ B^T` per slice; on CPUs with AVX-512 (bf16 also needs AVX512_BF16)
-  the C kernels below instead, all rows as one segment (0.5B bf16: 5.1-5.5 against 12.7-13.1 ms
-  of LoRA per step for these matmuls; 25M float32: 1.27-1.33 against 2.06-2.07);
-- mixed adapters: the C kernels of cpu_kernels.py (lora_cpu.c, S-LoRA's segmented matmuls on
-  CPU): one shrink over the rows of each adapter, one expand per slice written straight into y,
-  each adapter's weights read once for its rows. Measured at 0.5B shapes (bf16, 8 adapters x 8
-  rows, weights cold as in a real step): 7.3-7.7 ms of LoRA per step against 29 ms for the torch ops
-  below, which stay as the fallback (no C compiler, LORALOOP_CPU_KERNELS=0, float16): rows
-  gathered into one padded group per adapter, one batched matmul for shrink and one per slice
-  for expand, added back with one `index_add_`.
-Tokens with no adapter (index -1) are skipped (a batch without adapters costs one check per
-layer); stock ops instead apply the adapter in the last slot to them (`lora_weights[-1]`).
-Matmuls run in the weights' dtype (bf16 models: bf16 with float32 accumulation, no float32
-copies of x or A); qkv's three B slices go on one block diagonal in 16-bit dtypes (one expand
-matmul); mixed batches write the slices' outputs into a reused buffer and add them back with one
-`index_add_` (a bf16 `torch.cat` of gate/up outputs cost 0.5-1 ms per layer).
-Tried and measured slower here (torch 2.13 CPU, 2 cores, r=16, 64 rows): in float32, B of all
-slices on one block diagonal (fewer ops but 2-3x the flops, and a row-major K x N weight is
-slower than the transposed view these shapes get; in bf16 it is the faster for qkv, see
-BLOCK_DIAG_MIN_SLICES), and picking mixed rows back with index_select + add instead of index_add_.
+vLLM's stock CPU ops (`vllm/lora/ops/torch_ops`, called by `PunicaWrapperCPU`) index the stacked
+LoRA weights per token (`lora_weights[token_indices]`, a copy per token) and einsum over them once
+per slice. Here the rows are grouped by adapter once per mapping change (`update_metadata`), so
+each adapter's weights are read once for its rows, in the weights' own dtype:
+- one adapter on every row (training): one shrink matmul over all slices and one expand per
+  slice (or one block-diagonal expand, BLOCK_DIAG_MIN_SLICES), or the C kernels where they are
+  register-blocked for the dtype (`_one_by_kernel`);
+- mixed adapters: the segmented C kernels of cpu_kernels.py (lora_cpu.c); without them (no C
+  compiler, LORALOOP_CPU_KERNELS=0, float16) rows gathered into one padded group per adapter,
+  batched matmuls over the groups, added back with one `index_add_`.
+Rows with no adapter (index -1) are skipped; the stock ops apply the last slot's adapter to them.
+The measurements behind these choices: docs/benchmarks-notes.md.
 
 Install: the `vllm.general_plugins` entry point `register`, which vLLM calls in each process it
 starts (front end, engine core, workers) before the model is built. `LORALOOP_FAST_LORA_OPS=0`
@@ -115,7 +100,7 @@ MAX_PADDING = 2.0
 def group_tokens(indices: torch.Tensor, previous: TokenGroups | None = None) -> TokenGroups:
     """Group rows by adapter slot (`indices[i]`, -1 = no adapter). One host sync per call.
     `previous` (the last step's groups) is returned as is when the mapping has not changed: in
-    decode, step after step, it does not, and grouping a mixed batch costs ~70 us."""
+    decode, step after step, it does not, and regrouping is a Python loop over the rows."""
     slots = indices.tolist()
     if previous is not None and previous.slots == slots and previous.device == indices.device:
         return previous
@@ -198,10 +183,9 @@ class FusedLora:
         return t
 
 
-# Slices per layer from which a 16-bit B is expanded through one block-diagonal matmul (qkv: 3).
-# Measured (0.5B shapes, bf16, 64 rows): qkv expand 35 us block-diagonal vs 76 us per slice;
-# gate_up (2 large slices) is no faster that way and would read twice the bytes; in float32 the
-# per-slice matmuls on transposed views were the faster (previous measurement, 25M shapes).
+# Slices per layer from which a 16-bit B is expanded through one block-diagonal matmul (qkv: 3):
+# one matmul beats one per small slice; gate_up's 2 large slices gain nothing and would read twice
+# the bytes; float32 keeps the per-slice matmuls. Figures: docs/benchmarks-notes.md.
 BLOCK_DIAG_MIN_SLICES = 3
 
 
@@ -270,8 +254,8 @@ def _refresh_slots(w: FusedLora, a_stacked: tuple[torch.Tensor, ...], slots: lis
 
 def dense_weights(w: FusedLora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Contiguous copies of a_t and b_t, made on the first batch that needs them: torch's CPU bmm
-    is ~1.5x slower on transposed views (measured), while mm is not, so one-adapter steps on the
-    torch path use the views (the C kernels read dense_b)."""
+    is slower on transposed views, while mm is not, so one-adapter steps on the torch path use
+    the views (the C kernels read dense_b)."""
     if w.dense_a is None:
         w.dense_a = w.a_t.contiguous()
     return w.dense_a, dense_b(w)
@@ -344,8 +328,7 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
         y.index_add_(0, groups.gather, out.view(-1, out.size(2)))
         return
     # The slices' outputs go into one reused buffer, then one index_add_: torch.cat of the slices
-    # (bf16, two (8, 8, 4864) blocks: 0.5-1 ms) or index_add_ into y's column slices (strided:
-    # ~4x slower) cost more than the matmuls (measured).
+    # or index_add_ into y's (strided) column slices cost more than the matmuls themselves.
     n = sum(output_slices)
     out = w.scratch(("out", groups.n_groups, width, n), (groups.n_groups, width, n), y.dtype)
     off = 0
@@ -360,18 +343,16 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: float,
     y[:, :n].index_add_(0, groups.gather, out.view(-1, n))
 
 
-# bf16 batches of one adapter above this many rows (prefill) keep torch's matmuls: 0.5B shapes,
-# LoRA ms per 24 layers, kernels vs matmuls: 256 rows 16.5 vs 20.7, 384 23.9 vs 27.2, 512 34.3 vs
-# 32.3, 2048 135 vs 102 (oneDNN's bf16 blocking wins on tall x). float32: the kernels at every size
-# measured (2048 rows, 25M shapes: 27 vs 39 ms).
+# bf16 batches of one adapter above this many rows (prefill) keep torch's matmuls: oneDNN's bf16
+# blocking wins on tall x (the crossover was between 384 and 512 rows at 0.5B shapes); float32
+# uses the kernels at every size. Figures: docs/benchmarks-notes.md.
 ONE_BY_KERNEL_MAX_ROWS_BF16 = 384
 
 
 def _one_by_kernel(y: torch.Tensor) -> bool:
     """One adapter on every row goes through the C kernels where they have their blocked AVX-512
-    items for y's dtype (cpu_kernels.CpuKernels.blocked); else the torch matmuls. Measured (64
-    rows, weights cold, LoRA ms per step): 0.5B bf16 5.1-5.5 against 12.7-13.1 for the matmuls
-    (oneDNN on these skinny shapes); 25M float32 1.27-1.33 against 2.06-2.07."""
+    items for y's dtype (cpu_kernels.CpuKernels.blocked), which beat oneDNN's matmuls on these
+    skinny shapes; else the torch matmuls."""
     import torch
 
     k = cpu_kernels.loaded()
@@ -385,8 +366,8 @@ def _kernel_lora_linear(y: torch.Tensor, x: torch.Tensor, w: FusedLora, scale: f
     float32 buffer, then each slice's expand straight into y's columns. False (caller falls back to
     torch ops) where they are not loaded or the layout is not theirs. For bf16 the shrink output
     is rounded to bf16, as the stock ops round theirs before the expand. What is the layer's (its
-    weights' pointers and strides, the slices' table) is bound once, in w.buffers: a call costs
-    ~5 us of Python, ctypes and OpenMP, where passing every argument each time cost ~10 us."""
+    weights' pointers and strides, the slices' table) is bound once, in w.buffers, which about
+    halves the per-call cost of Python, ctypes and OpenMP."""
     bound = w.buffers.get(("kernel", output_slices))
     if bound is None:
         bound = _bind_kernel(y, x, w, output_slices)

@@ -87,17 +87,17 @@ class LeaseServer(pbg.LearnerServicer):
             if not ok:
                 self.s.d["refused"] += 1
                 self.s.save()
-                yield pb.SubmitAck(group_id=g.group_id, code=3, message="lengths disagree")
+                yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_INVALID_ARGUMENT, message="lengths disagree")
             elif g.group_id in self.s.d["accepted"]:
                 self.s.d["duplicates"] += 1
                 self.s.save()
-                yield pb.SubmitAck(group_id=g.group_id, code=6, message="already accepted")
+                yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_ALREADY_EXISTS, message="already accepted")
             else:
                 self.s.d["accepted"].append(g.group_id)
                 self.s.d.setdefault("versions", []).append(sorted({s.adapter_version for s in g.samples}))
                 self.s.save()  # durable before the ack
                 await asyncio.sleep(float(os.environ.get("LEASE_SERVER_ACK_DELAY", "0")))
-                yield pb.SubmitAck(group_id=g.group_id, code=0)
+                yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_OK)
 
 
 async def main() -> None:

@@ -4,7 +4,6 @@ on a free loopback port and stopped by pid (never by name)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,29 +12,19 @@ from pathlib import Path
 
 import redis
 
+from services.common import redis_server
 from services.common.net import free_port, wait_healthy
+from services.common.proc import stop_process
 
 TOKENS = {"learner": "tok-learner", "rollout": "tok-rollout", "client": "tok-client"}
 TOKENS_ENV = ",".join(f"{role}:{tok}" for role, tok in TOKENS.items())
-
-
-def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 class RedisProc:
     """redis-server with AOF and appendfsync always, data in `dir`, restartable in place."""
 
     def __init__(self, workdir: Path) -> None:
-        if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+        redis_server.require()
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -47,32 +36,22 @@ class RedisProc:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--logfile", str(self.dir / "redis.log")]
+        args = redis_server.command(self.port, self.dir, logfile=self.dir / "redis.log")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
-            time.sleep(0.05)
-        client.close()
+        try:
+            redis_server.wait_ready(self.port, exited=lambda: self.proc.poll() is not None, timeout_s=15)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {self.dir / 'redis.log'}") from None
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, only what the AOF already holds survives."""
-        _stop(self.proc, signal.SIGKILL)
+        stop_process(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def restart(self, hard: bool = True) -> None:
         self.kill() if hard else self.stop()
@@ -114,11 +93,11 @@ class BrokerProc:
                 raise RuntimeError(f"broker did not start: {(self.workdir / f'broker-{self.port}.log').read_text()}") from None
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.log.close()
 
     def kill(self) -> None:
-        _stop(self.proc, signal.SIGKILL)
+        stop_process(self.proc, signal.SIGKILL)
         self.log.close()
 
     def restart(self) -> None:
@@ -156,7 +135,7 @@ class RolloutProc:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        _stop(self.proc, timeout=30)
+        stop_process(self.proc, timeout_s=30)
         self.log.close()
 
 
@@ -193,9 +172,9 @@ class LearnerProc:
         return rc
 
     def kill(self) -> None:
-        _stop(self.proc, signal.SIGKILL)
+        stop_process(self.proc, signal.SIGKILL)
         self.log.close()
 
     def stop(self) -> None:
-        _stop(self.proc, timeout=30)
+        stop_process(self.proc, timeout_s=30)
         self.log.close()

@@ -42,7 +42,7 @@ def started(monkeypatch, tmp_path):
     monkeypatch.setattr(net, "free_port", lambda: next(ports))
     monkeypatch.setattr(net, "wait_healthy", wait_healthy)
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
-    monkeypatch.setattr(bench, "_stop", lambda proc: None)
+    monkeypatch.setattr(bench, "stop_process", lambda proc: None)
 
     def start(*lines, **kw):
         script.extend(lines)
