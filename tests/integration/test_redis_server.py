@@ -37,7 +37,7 @@ def test_password_is_in_a_private_file_and_required(tmp_path):
 
 def test_wait_ready_gives_up_at_once_when_the_process_is_gone(tmp_path):
     port = free_port()
-    args = redis_server.command(port, tmp_path, logfile=tmp_path / "r.log") + ["--no-such-option", "x"]
+    args = [*redis_server.command(port, tmp_path, logfile=tmp_path / "r.log"), "--no-such-option", "x"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with pytest.raises(RuntimeError, match="did not start"):
         redis_server.wait_ready(port, exited=lambda: proc.poll() is not None, timeout_s=30)
