@@ -83,6 +83,14 @@ class AdapterSource(Protocol):
         ...
 
 
+class AdapterObserver(Protocol):
+    """Told of every load (with its seconds; `swap`: the version had been evicted before) and
+    every eviction (the rollout's Prometheus metrics)."""
+
+    def adapter_loaded(self, name: str, seconds: float, swap: bool) -> None: ...
+    def adapter_evicted(self, name: str) -> None: ...
+
+
 class AdapterWatcher(Protocol):
     """Announces the versions of a name after `after` to the manager's `on_published`, in
     order (the Follower, over the broker's Watch stream)."""
@@ -144,6 +152,7 @@ class LoadedVersion:
     record: AdapterVersion
     handle: LoraHandle
     active: int = 0
+    last_used: float = 0.0  # monotonic; the LRU order for eviction
 
 
 CACHE_PREFIX = "loraloop-adapters-"
@@ -157,8 +166,13 @@ def default_cache_dir() -> Path:
 
 class AdapterManager:
     def __init__(self, engine: LoraEngine, source: AdapterSource, base: BaseModel, cache_dir: Path,
-                 watcher: AdapterWatcher | None = None) -> None:
+                 watcher: AdapterWatcher | None = None, capacity: int | None = None,
+                 observer: AdapterObserver | None = None) -> None:
         self.engine, self.source, self.base, self.watcher = engine, source, base, watcher
+        # Versions kept loaded at most (the engine's max_cpu_loras): past it the least recently
+        # used idle version is evicted, and fetched again from the broker when next asked for.
+        self.capacity, self.observer = capacity, observer
+        self.evicted: set[tuple[str, int]] = set()
         self.cache_dir = cache_dir
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.latest: dict[str, int] = {}
@@ -248,11 +262,15 @@ class AdapterManager:
             self._notify()
             log.error("refused adapter %s: %s", record.ref, e)
             raise AdapterRefused(str(e)) from None
-        lv = LoadedVersion(record, handle)
+        lv = LoadedVersion(record, handle, last_used=time.monotonic())
         self.loaded[key] = lv
         self.loads += 1
         self._notify()
         t2 = time.perf_counter()
+        if self.observer is not None:
+            self.observer.adapter_loaded(record.name, fetch_s + t2 - t0, swap=key in self.evicted)
+        self.evicted.discard(key)
+        await self._evict_beyond_capacity(keep=key)
         events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
                     lora_id=handle.lora_id, size_bytes=record.size_bytes, fetch_ms=round(fetch_s * 1e3, 3),
                     check_cache_ms=round((t1 - t0) * 1e3, 3), engine_ms=round((t2 - t1) * 1e3, 3))
@@ -345,7 +363,13 @@ class AdapterManager:
             return
         sel = parse_selector(selector)
         lv = await self.resolve(sel)
-        lv.active += 1  # no await between resolve's return and here: GC cannot race us
+        # A version resolved by joining another request's load may have been evicted before
+        # this coroutine ran again: resolve anew. From the check on, no await until active
+        # counts us, so neither unloading nor eviction can race us.
+        while self.loaded.get((lv.record.name, lv.record.version)) is not lv:
+            lv = await self.resolve(sel)
+        lv.active += 1
+        lv.last_used = time.monotonic()
         try:
             yield lv
         finally:
@@ -354,6 +378,10 @@ class AdapterManager:
                 await self._unload_drained(sel.name)
 
     async def _unload_drained(self, name: str) -> None:
+        """Unload the drained old versions of a followed name (training moves past them); other
+        names' versions stay until least recently used (`capacity`)."""
+        if name not in self.followed and self.capacity is not None:
+            return
         latest = self.latest.get(name)
         for key, lv in list(self.loaded.items()):
             if key[0] == name and key[1] != latest and lv.active == 0:
@@ -362,6 +390,24 @@ class AdapterManager:
                 await self.engine.remove_lora(lv.handle)
                 shutil.rmtree(lv.handle.path, ignore_errors=True)
                 log.info("unloaded %s (drained)", lv.record.ref)
+
+    async def _evict_beyond_capacity(self, keep: tuple[str, int]) -> None:
+        """Unload the least recently used idle versions while more than `capacity` are loaded."""
+        if self.capacity is None:
+            return
+        while len(self.loaded) > self.capacity:
+            idle = [(lv.last_used, k) for k, lv in self.loaded.items() if lv.active == 0 and k != keep]
+            if not idle:
+                return  # every one is in use: the engine's own LRU copes until they drain
+            _, key = min(idle)
+            lv = self.loaded.pop(key)
+            self.evicted.add(key)
+            self._notify()
+            await self.engine.remove_lora(lv.handle)
+            shutil.rmtree(lv.handle.path, ignore_errors=True)
+            if self.observer is not None:
+                self.observer.adapter_evicted(key[0])
+            log.info("evicted %s (least recently used; %d loaded)", lv.record.ref, len(self.loaded))
 
     def close(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from loraloop.v1 import rollout_pb2_grpc as pb_grpc
 from services.broker.client import BrokerClient
-from services.common.grpc_server import Registration, serve
+from services.common.grpc_server import AccessPolicy, Registration, serve
 from services.rollout.adapters import AdapterManager, BaseModel, default_cache_dir
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import Engine
 from services.rollout.follower import Follower
+from services.rollout.http_front import ROLES_OF_ROUTE, HttpServer, OpenAIFront
+from services.rollout.metrics import RolloutMetrics
 from services.rollout.requests import TokenCodec
 from services.rollout.service import ROLES_OF_METHOD, SERVICE, RolloutServicer
 
@@ -30,13 +32,16 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
     broker = BrokerClient(cfg.broker, token)
     engine = Engine(cfg.engine)
     manager: AdapterManager | None = None
+    http: HttpServer | None = None
     follower = Follower(broker, asyncio.get_running_loop())
     try:
         await engine.start()
         base = BaseModel.from_dir(cfg.engine.model, cfg.engine.max_lora_rank)
         cache = Path(cfg.adapters.dir) if cfg.adapters.dir else default_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        manager = AdapterManager(engine, broker, base, cache, watcher=follower)
+        metrics = RolloutMetrics()
+        manager = AdapterManager(engine, broker, base, cache, watcher=follower,
+                                 capacity=cfg.engine.max_cpu_loras, observer=metrics)
         follower.start(manager.on_published)
         for name in cfg.adapters.follow:
             await manager.follow(name)
@@ -49,10 +54,19 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
                                    cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}")
             worker_task = asyncio.create_task(worker.run())
 
+        if cfg.http.enabled:
+            http = await start_http(cfg, engine, manager, broker, metrics)
+
         def started(port: int) -> None:
             print(f"loraloop rollout listening on {cfg.server.host}:{port} (base {base.fingerprint[:19]}…)", flush=True)
+            if http is not None:
+                scheme = "https" if cfg.tls.enabled else "http"
+                print(f"OpenAI API on {scheme}://{cfg.http.host}:{http.port}/v1 (model {http.front.h.base_id!r} "
+                      "or an adapter: NAME, NAME@latest, NAME@vN)", flush=True)
 
         async def stopping() -> None:
+            if http is not None:
+                await http.stop()
             if worker_task:
                 worker_task.cancel()
             follower.stop()
@@ -62,12 +76,27 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
                     cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, on_started=started, on_stopping=stopping,
                     stop_event=stop)
     finally:
+        if http is not None:
+            await http.stop()
         follower.stop()
         engine.shutdown()  # also when the start failed: its children and sockets go too
         if manager is not None:
             manager.close()
         broker.close()
         reap_children()
+
+
+async def start_http(cfg: RolloutConfig, engine: Engine, manager: AdapterManager, broker: BrokerClient,
+                     metrics: RolloutMetrics) -> HttpServer:
+    """The OpenAI-compatible front on cfg.http, sharing the gRPC server's tokens and TLS."""
+    from services.rollout.openai_serving import build_handlers
+
+    handlers = await build_handlers(engine, manager, cfg.http.served_model_name or cfg.engine.model)
+    token_roles = cfg.auth.token_roles() if cfg.auth.enabled else {}
+    policy = AccessPolicy(ROLES_OF_ROUTE, token_roles, cfg.auth.enabled)
+    server = HttpServer(OpenAIFront(handlers, manager, broker, metrics, policy, cfg.http.max_concurrent), cfg.http, cfg.tls)
+    await server.start()
+    return server
 
 
 def reap_children(timeout_s: float = 10.0) -> None:

@@ -47,6 +47,22 @@ class AdapterCacheConfig(Section):
     """Adapter names to hot-load as the broker announces new versions (others load on first request)."""
 
 
+class HttpConfig(Section):
+    enabled: bool = True
+    """Serve the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) and
+    /metrics, /health over HTTP beside gRPC. TLS and tokens are the gRPC server's (`tls`, `auth`)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for all)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on (0: pick a free one and print it)."""
+    served_model_name: str = ""
+    """The base model's id in `model` and /v1/models ("" = the model path, as `vllm serve` does)."""
+    max_concurrent: int = Field(512, ge=1)
+    """Requests in flight at most; more are answered 429 with retry-after (backpressure)."""
+    grace_s: float = Field(5.0, ge=0)
+    """On stop, how long open requests get to finish."""
+
+
 class RolloutConfig(Section):
     server: ServerConfig = ServerConfig(port=50052)
     """gRPC listener for Generate / ListAdapters."""
@@ -64,6 +80,8 @@ class RolloutConfig(Section):
     """Name of this replica in leases and logs ("" = hostname-pid)."""
     leases_in_flight: int = Field(2, ge=1)
     """Leases generated concurrently by the training loop."""
+    http: HttpConfig = HttpConfig()
+    """The OpenAI-compatible HTTP front."""
     auth: AuthConfig = AuthConfig()
     """Who may call this server (clients need role client, learner or rollout)."""
     tls: TLSConfig = TLSConfig()
@@ -72,4 +90,4 @@ class RolloutConfig(Section):
     """Python logging level."""
 
 
-ALIASES = {"port": "server.port", "host": "server.host", "model": "engine.model", "follow": "adapters.follow"}
+ALIASES = {"http-port": "http.port", "port": "server.port", "host": "server.host", "model": "engine.model", "follow": "adapters.follow"}

@@ -110,12 +110,13 @@ class RolloutProc:
 
     def __init__(self, model_dir: Path, broker_target: str, workdir: Path, *extra: str,
                  start_timeout_s: float = 240.0) -> None:
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.workdir = workdir
         env = {**os.environ, "LORALOOP_TOKENS": TOKENS_ENV, "LORALOOP_TOKEN": TOKENS["rollout"],
                "VLLM_CPU_KVCACHE_SPACE": "1"}
         args = [sys.executable, "-m", "services.cli", "rollout", "--port", str(self.port),
                 "--model", str(model_dir), f"--broker={broker_target}", "--server.grace_s=1",
+                f"--http.port={self.http_port}", "--http.grace_s=1",
                 f"--adapters.dir={workdir / 'adapter-cache'}", *extra]
         self.log_path = workdir / f"rollout-{self.port}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
@@ -133,6 +134,10 @@ class RolloutProc:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def stop(self) -> None:
         stop_process(self.proc, timeout_s=30)

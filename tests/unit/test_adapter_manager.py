@@ -367,3 +367,103 @@ def test_wait_for_returns_when_the_version_is_loaded_and_times_out_at_the_deadli
         assert 0.15 < time.monotonic() - t0 < 2
 
     run(scenario())
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, bool]] = []
+        self.evictions: list[str] = []
+
+    def adapter_loaded(self, name: str, seconds: float, swap: bool) -> None:
+        assert seconds >= 0
+        self.loads.append((name, swap))
+
+    def adapter_evicted(self, name: str) -> None:
+        self.evictions.append(name)
+
+
+@pytest.fixture
+def bounded(tmp_path):
+    engine, broker, obs = FakeEngine(), FakeBroker(), RecordingObserver()
+    manager = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path, capacity=2, observer=obs)
+    return engine, broker, manager, obs
+
+
+async def _use(manager, selector: str) -> None:
+    async with manager.acquire(selector):
+        pass
+
+
+def test_capacity_evicts_the_least_recently_used_and_counts_swaps(bounded):
+    engine, broker, manager, obs = bounded
+    for name in ("a", "b", "c"):
+        broker.publish(name, seed=ord(name))
+
+    async def go():
+        await _use(manager, "a@v1")
+        await _use(manager, "b@v1")
+        await _use(manager, "a@v1")  # a is now more recent than b
+        await _use(manager, "c@v1")  # 3 > capacity 2: b goes
+        assert set(manager.loaded) == {("a", 1), ("c", 1)}
+        assert "remove b@v1" in engine.calls and len(engine.loaded) == 2
+        await _use(manager, "b@v1")  # fetched again: a swap; a (least recent now) goes
+        assert set(manager.loaded) == {("c", 1), ("b", 1)}
+
+    asyncio.run(go())
+    assert obs.loads == [("a", False), ("b", False), ("c", False), ("b", True)]
+    assert obs.evictions == ["b", "a"]
+    assert broker.to_file == 4
+
+
+def test_versions_in_use_are_never_evicted(bounded):
+    _engine, broker, manager, obs = bounded
+    for name in ("a", "b", "c"):
+        broker.publish(name, seed=ord(name))
+
+    async def go():
+        async with manager.acquire("a@v1"), manager.acquire("b@v1"), manager.acquire("c@v1") as c:
+            assert c.record.ref == "c@v1"
+            assert len(manager.loaded) == 3 and obs.evictions == []  # all busy: over capacity for now
+        await _use(manager, "c@v1")  # a load or a use of an idle one does not shrink by itself...
+        broker.publish("d", seed=4)
+        await _use(manager, "d@v1")  # ...the next load evicts down to capacity, oldest first
+        assert set(manager.loaded) == {("c", 1), ("d", 1)}
+
+    asyncio.run(go())
+    assert obs.evictions == ["a", "b"]
+
+
+def test_a_version_evicted_before_its_waiter_ran_is_loaded_again(bounded):
+    """Two requests join one load; a third load evicts it before the second request resumes:
+    that request must not be handed the evicted version (its files are gone)."""
+    _engine, broker, manager, _obs = bounded
+    for name in ("a", "b", "c"):
+        broker.publish(name, seed=ord(name))
+
+    async def go():
+        got = []
+
+        async def user(sel):
+            async with manager.acquire(sel) as lv:
+                assert manager.loaded.get((lv.record.name, lv.record.version)) is lv
+                got.append(lv.record.ref)
+
+        await asyncio.gather(user("a@v1"), user("a@v1"), _use(manager, "b@v1"), _use(manager, "c@v1"))
+        return got
+
+    assert asyncio.run(go()) == ["a@v1", "a@v1"]
+
+
+def test_followed_names_unload_old_versions_unbounded_names_stay_cached(bounded):
+    _engine, broker, manager, _obs = bounded
+    broker.publish("pol", seed=1)
+    broker.publish("user", seed=2)
+
+    async def go():
+        await manager.follow("pol")
+        await manager.on_published(broker.publish("pol", seed=3))
+        assert ("pol", 1) not in manager.loaded  # training moved on: v1 unloaded once drained
+        await _use(manager, "user@v1")
+        assert ("user", 1) in manager.loaded  # kept for its next request, until LRU
+
+    asyncio.run(go())
