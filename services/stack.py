@@ -139,15 +139,22 @@ class Stack:
     broker: str = ""
     learner: str = ""
     rollout_args: list[str] = field(default_factory=list)
+    http_ports: list[int] = field(default_factory=list)
 
     def service_env(self, role: str) -> dict[str, str]:
         return {**self.env, "LORALOOP_TOKEN": self.tokens[role]}
 
     def start_rollout(self, k: int) -> str:
+        """Replica k, with its gRPC port and its HTTP (OpenAI API) port `http_ports[k]`."""
         name = f"rollout-{k}"
         env = {**self.service_env("rollout"), "VLLM_CPU_OMP_THREADS_BIND": self.cfg.rollout_cpu_bind}
-        self.sup.start(name, [*self.rollout_args, "--port", str(free_port()), f"--worker_id={name}"], env)
+        http = ["--http.port", str(self.http_ports[k])] if self.cfg.rollout.http.enabled else []
+        self.sup.start(name, [*self.rollout_args, "--port", str(free_port()), *http, f"--worker_id={name}"], env)
         return name
+
+    def openai_urls(self) -> list[str]:
+        scheme = "https" if self.cfg.rollout.tls.enabled else "http"
+        return [f"{scheme}://127.0.0.1:{p}/v1" for p in self.http_ports]
 
 
 def learner_cpus(cfg: StackConfig) -> set[int] | None:
@@ -197,13 +204,20 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, lc.model.lora_rank)
     rc.engine.max_model_len = max(64, min(rc.engine.max_model_len, 512))
     rc.adapters.follow = sorted({*rc.adapters.follow, lc.adapter_name})
+    rc.http.port = 0  # a replica started by hand from rollout.toml picks a free port (up gives its own theirs)
     (run_dir / "rollout.toml").write_text(to_toml(rc.model_dump()))
     st.rollout_args = [*py, "rollout", str(run_dir / "rollout.toml")]
-    (run_dir / "stack.env").write_text(
+    st.http_ports = [free_port() for _ in range(cfg.rollout_replicas)]
+    env_file = run_dir / "stack.env"
+    env_file.touch(mode=0o600)
+    env_file.chmod(0o600)
+    openai = (f"OPENAI_BASE_URL={st.openai_urls()[0]}\nOPENAI_API_KEY={tokens['client']}\n"
+              f"LORALOOP_OPENAI_URLS={','.join(st.openai_urls())}\n"
+              if cfg.rollout.http.enabled and st.http_ports else "")
+    env_file.write_text(
         f"LORALOOP_BROKER={st.broker}\nLORALOOP_LEARNER={st.learner}\n"
         f"LORALOOP_TOKEN={tokens['learner']}\nLORALOOP_ROLLOUT_TOKEN={tokens['rollout']}\n"
-        f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n")
-    (run_dir / "stack.env").chmod(0o600)
+        f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n{openai}")
     wait_healthy(st.learner, sup, ["learner"], 300)
     for k in range(cfg.rollout_replicas):
         st.start_rollout(k)
@@ -281,7 +295,11 @@ def main(argv: list[str]) -> int:
         print(f"broker {st.broker}, learner {st.learner}; {cfg.rollout_replicas} rollout replica(s) starting "
               f"(vLLM engine start takes ~30 s); logs in {sup.log_dir}/\n"
               f"more replicas: source {run_dir}/stack.env && LORALOOP_TOKEN=$LORALOOP_ROLLOUT_TOKEN "
-              f"loraloop rollout {run_dir}/rollout.toml --port 0", flush=True)
+              f"loraloop rollout {run_dir}/rollout.toml --port 0 --http-port 0", flush=True)
+        if st.http_ports:
+            print(f"OpenAI API (while it trains): {', '.join(st.openai_urls())} -- `source {run_dir}/stack.env` "
+                  f"sets OPENAI_BASE_URL and OPENAI_API_KEY; model \"{cfg.learner.adapter_name}@latest\", "
+                  f"\"{cfg.learner.adapter_name}@vN\" or \"{model}\" (the base)", flush=True)
         follow_progress(st, cfg.learner.steps)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

@@ -135,7 +135,10 @@ class ServiceActor:
         config_cls, run = (_load(ref) for ref in SERVICES[self.kind])
         host = node_address(host)
         port = free_port(host)
-        config = config_cls.model_validate({**cfg, "server": {**cfg.get("server", {}), "host": host, "port": port}})
+        cfg = {**cfg, "server": {**cfg.get("server", {}), "host": host, "port": port}}
+        if "http" in config_cls.model_fields:  # a rollout's OpenAI front: a free port of this node too
+            cfg["http"] = {**cfg.get("http", {}), "host": host, "port": free_port(host)}
+        config = config_cls.model_validate(cfg)
         _configure_logging(config.log_level, self.kind)
         self._thread = threading.Thread(target=self._serve, args=(run, config), name=f"loraloop-{self.kind}",
                                         daemon=True)

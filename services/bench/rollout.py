@@ -243,7 +243,8 @@ def start_rollout(model_dir: Path, broker: str, tokens: dict[str, str], workdir:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "rollout", "--port", str(port), "--model", str(model_dir),
                  f"--broker={broker}", '--follow=["bench"]', f"--adapters.dir={cache_dir}",
-                 *(engine or [f"--engine.max_lora_rank={RANK}"]), "--server.grace_s=1", f"--log_level={log_level}"],
+                 *(engine or [f"--engine.max_lora_rank={RANK}"]), "--server.grace_s=1", f"--log_level={log_level}",
+                 "--http.enabled=false"],  # this bench measures the gRPC path
                 env=env, stdout=out, stderr=subprocess.STDOUT)
         target = f"127.0.0.1:{port}"
 

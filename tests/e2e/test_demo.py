@@ -15,14 +15,32 @@ from tests.support.proctree import alive, descendants
 STEPS = 200
 
 
+def query_while_training(run) -> dict:
+    """What a user does after `source <run>/stack.env`: the official client, no arguments."""
+    import openai
+
+    env = dict(line.split("=", 1) for line in (run / "stack.env").read_text().splitlines() if "=" in line)
+    c = openai.OpenAI(base_url=env["OPENAI_BASE_URL"], api_key=env["OPENAI_API_KEY"], max_retries=3, timeout=60)
+    latest = c.completions.create(model="policy@latest", prompt="3+8=", max_tokens=3).model
+    pinned = c.completions.create(model=latest, prompt="3+8=", max_tokens=3).model
+    stream = {ch.model for ch in c.chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "2+2="}], max_tokens=3, stream=True)}
+    base = c.completions.create(model=c.models.list().data[0].id, prompt="3+8=", max_tokens=3).model
+    assert len(stream) == 1, stream  # one request, one version
+    return {"latest": latest, "pinned": pinned, "stream": stream.pop(), "base": base}
+
+
 def test_demo_learns_and_stops_every_process(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), "--steps", str(STEPS),
                              "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: set[int] = set()
+    served: dict | None = None
     deadline = time.monotonic() + 1200
     while proc.poll() is None:
         seen |= descendants(proc.pid)  # every process the run started, vLLM's engine included
+        if served is None and len(read_metrics(run)) >= 3:
+            served = query_while_training(run)
         assert time.monotonic() < deadline, "the demo did not finish in 20 minutes"
         time.sleep(1)
     out = proc.stdout.read()
@@ -30,6 +48,12 @@ def test_demo_learns_and_stops_every_process(tmp_path):
     assert "every process stopped" in out
     assert len(seen) >= 5  # redis, broker, learner, rollout and its engine
     assert not [p for p in seen if alive(p)], "processes left running"
+
+    # While it trained, a plain OpenAI() from stack.env reached the fleet: latest resolved to
+    # a version of the policy, pinning that version served it, and the base answered too.
+    assert served is not None, "training ended before the OpenAI API was queried"
+    assert served["latest"].startswith("policy@v") and served["pinned"] == served["latest"], served
+    assert served["stream"].startswith("policy@v") and served["base"] == str(run / "model"), served
 
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
