@@ -267,13 +267,13 @@ class AdapterManager:
         self.loads += 1
         self._notify()
         t2 = time.perf_counter()
+        events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
+                    lora_id=handle.lora_id, size_bytes=record.size_bytes, fetch_ms=round(fetch_s * 1e3, 3),
+                    check_cache_ms=round((t1 - t0) * 1e3, 3), engine_ms=round((t2 - t1) * 1e3, 3))
         if self.observer is not None:
             self.observer.adapter_loaded(record.name, fetch_s + t2 - t0, swap=key in self.evicted)
         self.evicted.discard(key)
         await self._evict_beyond_capacity(keep=key)
-        events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
-                    lora_id=handle.lora_id, size_bytes=record.size_bytes, fetch_ms=round(fetch_s * 1e3, 3),
-                    check_cache_ms=round((t1 - t0) * 1e3, 3), engine_ms=round((t2 - t1) * 1e3, 3))
         return lv
 
     def _check_and_cache(self, record: AdapterVersion, fetched_to: Path) -> Path:
@@ -385,11 +385,16 @@ class AdapterManager:
         latest = self.latest.get(name)
         for key, lv in list(self.loaded.items()):
             if key[0] == name and key[1] != latest and lv.active == 0:
-                del self.loaded[key]
-                self._notify()
-                await self.engine.remove_lora(lv.handle)
-                shutil.rmtree(lv.handle.path, ignore_errors=True)
+                await self._unload(key)
                 log.info("unloaded %s (drained)", lv.record.ref)
+
+    async def _unload(self, key: tuple[str, int]) -> LoadedVersion:
+        """Take a version out of the engine and the local cache."""
+        lv = self.loaded.pop(key)
+        self._notify()
+        await self.engine.remove_lora(lv.handle)
+        shutil.rmtree(lv.handle.path, ignore_errors=True)
+        return lv
 
     async def _evict_beyond_capacity(self, keep: tuple[str, int]) -> None:
         """Unload the least recently used idle versions while more than `capacity` are loaded."""
@@ -400,11 +405,8 @@ class AdapterManager:
             if not idle:
                 return  # every one is in use: the engine's own LRU copes until they drain
             _, key = min(idle)
-            lv = self.loaded.pop(key)
             self.evicted.add(key)
-            self._notify()
-            await self.engine.remove_lora(lv.handle)
-            shutil.rmtree(lv.handle.path, ignore_errors=True)
+            lv = await self._unload(key)
             if self.observer is not None:
                 self.observer.adapter_evicted(key[0])
             log.info("evicted %s (least recently used; %d loaded)", lv.record.ref, len(self.loaded))

@@ -72,6 +72,7 @@ class OpenAIFront:
         self.h, self.manager, self.catalog, self.metrics, self.policy = handlers, manager, catalog, metrics, policy
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        metrics.in_flight.labels("http").set_function(lambda: self.in_flight)
         self.stopping = False
         self.app = self._build_app()
 
@@ -173,7 +174,6 @@ class OpenAIFront:
             opts = req.stream_options or self.h.StreamOptions()
             req.stream_options = opts.model_copy(update={"include_usage": True})
         self.in_flight += 1
-        met.in_flight.labels("http").inc()
         stack = contextlib.AsyncExitStack()
         status, label = 200, "base"
         streaming = False
@@ -214,7 +214,6 @@ class OpenAIFront:
     def _done(self, endpoint: str, label: str, status: str, t0: float) -> None:
         self.in_flight -= 1
         m = self.metrics
-        m.in_flight.labels("http").dec()
         m.requests.labels("http", endpoint, label, status).inc()
         m.duration.labels("http", endpoint).observe(time.perf_counter() - t0)
 
