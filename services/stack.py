@@ -23,6 +23,7 @@ from pathlib import Path
 from services.common import redis_server
 from services.common.config import config_cli, to_toml
 from services.common.net import free_port
+from services.rollout.config import LearnerTarget
 from services.stack_config import ALIASES, StackConfig
 
 
@@ -130,6 +131,17 @@ def prepare_model(cfg: StackConfig, run_dir: Path) -> Path:
 
 
 @dataclass
+class Run:
+    """One training run of the stack: its learner process, address and run dir."""
+
+    adapter: str
+    proc: str  # the Supervisor's name for its learner ("learner" when the stack has one run)
+    run_dir: Path
+    steps: int
+    address: str = ""
+
+
+@dataclass
 class Stack:
     cfg: StackConfig
     run_dir: Path
@@ -137,7 +149,8 @@ class Stack:
     tokens: dict[str, str]
     env: dict[str, str]
     broker: str = ""
-    learner: str = ""
+    learner: str = ""  # the first run's learner
+    runs: list[Run] = field(default_factory=list)
     rollout_args: list[str] = field(default_factory=list)
     http_ports: list[int] = field(default_factory=list)
 
@@ -190,20 +203,39 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     sup.start("broker", [*py, "broker", str(run_dir / "broker.toml")], env)
     st.broker = f"127.0.0.1:{b.server.port}"
     wait_healthy(st.broker, sup, ["broker"], 60)
-    # Learner
-    lc = cfg.learner.model_copy(deep=True)
-    lc.model.path, lc.broker, lc.run_dir, lc.seed = str(model), st.broker, str(run_dir), cfg.seed
-    lc.server.port = free_port()
-    (run_dir / "learner.toml").write_text(to_toml(lc.model_dump()))
-    sup.start("learner", [*py, "learner", str(run_dir / "learner.toml")], st.service_env("learner"),
-              cpus=learner_cpus(cfg))
-    st.learner = f"127.0.0.1:{lc.server.port}"
-    # Rollouts (a file for replicas started by hand too)
+    # Learners: one per run (one run: "learner", writing into the run dir itself)
+    run_learners = cfg.run_learners()
+    configs = []
+    for k, (base_lc, _) in enumerate(run_learners):
+        lc = base_lc.model_copy(deep=True)
+        one = len(run_learners) == 1
+        run = Run(lc.adapter_name, "learner" if one else f"learner-{lc.adapter_name}",
+                  run_dir if one else run_dir / lc.adapter_name, lc.steps)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        lc.model.path, lc.broker, lc.run_dir = str(model), st.broker, str(run.run_dir)
+        if one or "seed" not in cfg.runs[k].learner:
+            lc.seed = cfg.seed + k
+        lc.server.port = free_port()
+        (run.run_dir / "learner.toml").write_text(to_toml(lc.model_dump()))
+        sup.start(run.proc, [*py, "learner", str(run.run_dir / "learner.toml")], st.service_env("learner"),
+                  cpus=learner_cpus(cfg))
+        run.address = f"127.0.0.1:{lc.server.port}"
+        st.runs.append(run)
+        configs.append(lc)
+    st.learner = st.runs[0].address
+    # Rollouts (a file for replicas started by hand too): every replica leases from every run
     rc = cfg.rollout.model_copy(deep=True)
-    rc.engine.model, rc.broker, rc.learner = str(model), st.broker, st.learner
-    rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, lc.model.lora_rank)
+    rc.engine.model, rc.broker = str(model), st.broker
+    if len(st.runs) == 1:
+        rc.learner = st.learner
+    else:
+        rc.learner = ""
+        rc.learners = [LearnerTarget(address=r.address, weight=w) for r, (_, w) in zip(st.runs, run_learners, strict=True)]
+        rc.leases_in_flight = max(rc.leases_in_flight, 2 * len(st.runs))
+    rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, *(lc.model.lora_rank for lc in configs))
+    rc.engine.max_loras = max(rc.engine.max_loras, len(st.runs))
     rc.engine.max_model_len = max(64, min(rc.engine.max_model_len, 512))
-    rc.adapters.follow = sorted({*rc.adapters.follow, lc.adapter_name})
+    rc.adapters.follow = sorted({*rc.adapters.follow, *(r.adapter for r in st.runs)})
     rc.http.port = 0  # a replica started by hand from rollout.toml picks a free port (up gives its own theirs)
     (run_dir / "rollout.toml").write_text(to_toml(rc.model_dump()))
     st.rollout_args = [*py, "rollout", str(run_dir / "rollout.toml")]
@@ -216,15 +248,18 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
               if cfg.rollout.http.enabled and st.http_ports else "")
     env_file.write_text(
         f"LORALOOP_BROKER={st.broker}\nLORALOOP_LEARNER={st.learner}\n"
+        f"LORALOOP_LEARNERS={','.join(f'{r.adapter}={r.address}' for r in st.runs)}\n"
         f"LORALOOP_TOKEN={tokens['learner']}\nLORALOOP_ROLLOUT_TOKEN={tokens['rollout']}\n"
         f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n{openai}")
-    wait_healthy(st.learner, sup, ["learner"], 300)
+    for run in st.runs:
+        wait_healthy(run.address, sup, [run.proc], 300)
     for k in range(cfg.rollout_replicas):
         st.start_rollout(k)
     return st
 
 
 def _summary(run_dir: Path, wall_s: float) -> dict:
+    """First/last 5-step mean rewards of the run whose metrics.jsonl is in run_dir."""
     from services.learner.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -236,41 +271,64 @@ def _summary(run_dir: Path, wall_s: float) -> dict:
     return out
 
 
-def follow_progress(st: Stack, total: int) -> None:
-    """One progress bar from the learner's metrics; replaces dead rollout replicas."""
+class _MetricsTail:
+    """New complete lines of a run's metrics.jsonl since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines()]
+
+
+def follow_progress(st: Stack) -> None:
+    """A progress bar per run from its learner's metrics; replaces dead rollout replicas;
+    returns when every learner has finished."""
     from tqdm import tqdm
 
-    metrics = st.run_dir / "metrics.jsonl"
-    offset = metrics.stat().st_size if metrics.exists() else 0
-    done = 0
-    with tqdm(total=total, desc="training", unit="step", dynamic_ncols=True) as bar:
+    several = len(st.runs) > 1
+    tails = {r.proc: _MetricsTail(r.run_dir / "metrics.jsonl") for r in st.runs}
+    done = dict.fromkeys(tails, 0)
+    bars = {r.proc: tqdm(total=r.steps, desc=r.adapter if several else "training", unit="step", position=k,
+                         dynamic_ncols=True) for k, r in enumerate(st.runs)}
+    try:
         while True:
-            if metrics.exists():
-                with open(metrics) as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    complete = chunk[: chunk.rfind("\n") + 1]
-                    offset += len(complete.encode())
-                for line in complete.splitlines():
-                    r = json.loads(line)
-                    bar.n = done = r["step"]
-                    bar.set_postfix({"v": r["policy_version"], "reward": f"{r['reward/mean']:.3f}",
-                                     "tok/s": f"{r.get('perf/tokens_per_s', 0):.0f}",
-                                     "stale": f"{r.get('staleness/mean', 0):.2f}"}, refresh=False)
+            for r in st.runs:
+                bar = bars[r.proc]
+                for row in tails[r.proc].rows():
+                    bar.n = done[r.proc] = row["step"]
+                    bar.set_postfix({"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
+                                     "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",
+                                     "stale": f"{row.get('staleness/mean', 0):.2f}"}, refresh=False)
                     bar.refresh()
-            learner = st.sup.procs["learner"]
-            if learner.poll() is not None:
-                if learner.returncode != 0:
-                    raise RuntimeError(f"learner exited with code {learner.returncode}:\n{st.sup.log_tail('learner')}")
-                if done >= total or not metrics.exists():
-                    return
+            finished = 0
+            for r in st.runs:
+                learner = st.sup.procs[r.proc]
+                if learner.poll() is not None:
+                    if learner.returncode != 0:
+                        raise RuntimeError(f"{r.proc} exited with code {learner.returncode}:\n"
+                                           f"{st.sup.log_tail(r.proc)}")
+                    finished += 1
+            if finished == len(st.runs):
+                return
             for name in st.sup.dead():
                 if name.startswith("rollout-"):
                     tqdm.write(f"{name} exited (code {st.sup.procs[name].returncode}); starting a replacement")
                     st.sup.restart(name)
-                elif name != "learner":
+                elif not any(name == r.proc for r in st.runs):
                     raise RuntimeError(f"{name} exited:\n{st.sup.log_tail(name)}")
             time.sleep(0.5)
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def main(argv: list[str]) -> int:
@@ -292,15 +350,17 @@ def main(argv: list[str]) -> int:
         model = prepare_model(cfg, run_dir)
         print("starting redis, broker, learner ...", flush=True)
         st = start_stack(cfg, run_dir, model, sup)
-        print(f"broker {st.broker}, learner {st.learner}; {cfg.rollout_replicas} rollout replica(s) starting "
+        learners = ", ".join(f"{r.adapter} {r.address}" for r in st.runs)
+        print(f"broker {st.broker}, learner{'s' if len(st.runs) > 1 else ''} {learners}; "
+              f"{cfg.rollout_replicas} rollout replica(s) starting "
               f"(vLLM engine start takes ~30 s); logs in {sup.log_dir}/\n"
               f"more replicas: source {run_dir}/stack.env && LORALOOP_TOKEN=$LORALOOP_ROLLOUT_TOKEN "
               f"loraloop rollout {run_dir}/rollout.toml --port 0 --http-port 0", flush=True)
         if st.http_ports:
+            models = ", ".join(f'"{r.adapter}@latest", "{r.adapter}@vN"' for r in st.runs)
             print(f"OpenAI API (while it trains): {', '.join(st.openai_urls())} -- `source {run_dir}/stack.env` "
-                  f"sets OPENAI_BASE_URL and OPENAI_API_KEY; model \"{cfg.learner.adapter_name}@latest\", "
-                  f"\"{cfg.learner.adapter_name}@vN\" or \"{model}\" (the base)", flush=True)
-        follow_progress(st, cfg.learner.steps)
+                  f"sets OPENAI_BASE_URL and OPENAI_API_KEY; model {models} or \"{model}\" (the base)", flush=True)
+        follow_progress(st)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 130
@@ -309,12 +369,18 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         sup.stop_all()
-    s = _summary(run_dir, time.monotonic() - t0)
-    print(f"done: {s['steps']} steps in {s['wall_s']:.0f} s; mean reward first 5 steps {s['reward_first5']:.3f}, "
-          f"last 5 steps {s['reward_last5']:.3f}", flush=True)
-    if cfg.plot and s["steps"]:
-        from services.plot import plot_run
+    wall_s = time.monotonic() - t0
+    summaries = {}
+    for r in st.runs:
+        s = summaries[r.adapter] = _summary(r.run_dir, wall_s)
+        who = f"{r.adapter}: " if len(st.runs) > 1 else ""
+        print(f"{who}done: {s['steps']} steps in {s['wall_s']:.0f} s; mean reward first 5 steps "
+              f"{s['reward_first5']:.3f}, last 5 steps {s['reward_last5']:.3f}", flush=True)
+        if cfg.plot and s["steps"]:
+            from services.plot import plot_run
 
-        print(f"curves: {plot_run(run_dir)}", flush=True)
+            print(f"{who}curves: {plot_run(r.run_dir)}", flush=True)
+    if len(st.runs) > 1:
+        (run_dir / "summary.json").write_text(json.dumps({"runs": summaries}, indent=1))
     print("every process stopped", flush=True)
     return 0

@@ -7,10 +7,12 @@ service into the run dir, so a replica started by hand can use the same file.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
 
 from services.broker.config import BrokerConfig
-from services.common.config import Section
+from services.common.config import Section, merge
 from services.learner.config import (
     AlgoConfig,
     CheckpointConfig,
@@ -30,6 +32,14 @@ DEMO_LEARNER = LearnerConfig(
                     temperature=1.0, reward_fn="arithmetic", lease_deadline_s=15.0),
     checkpoint=CheckpointConfig(every=100, keep_last=2),
 )
+
+
+class RunConfig(Section):
+    weight: float = Field(1.0, gt=0)
+    """This run's share of each replica's leases in flight, relative to the other runs'."""
+    learner: dict[str, Any] = {}
+    """This run's changes to the top-level [learner]: `adapter_name` (each run its own) and
+    whatever else differs (`[runs.learner.model] lora_rank = 8`, `seed`, `steps`, ...)."""
 
 
 class StackConfig(Section):
@@ -56,6 +66,31 @@ class StackConfig(Section):
     """Rollout replicas (model, broker, learner and port filled in by `up`)."""
     broker: BrokerConfig = BrokerConfig()
     """The broker (port and Redis filled in by `up`)."""
+    runs: list[RunConfig] = []
+    """Several training runs on one rollout fleet: one learner per [[runs]] entry (the top-level
+    [learner] with the entry's changes, its own adapter name, run dir <run_dir>/<adapter_name>),
+    every replica leasing from all of them by weight. Empty: one run, the [learner] itself."""
+
+    @model_validator(mode="after")
+    def _check_runs(self) -> StackConfig:
+        names = [lc.adapter_name for lc, _ in self.run_learners()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each of [[runs]] needs its own learner.adapter_name (got {names})")
+        return self
+
+    def run_learners(self) -> list[tuple[LearnerConfig, float]]:
+        """(learner config, weight) of each run."""
+        if not self.runs:
+            return [(self.learner, 1.0)]
+        base = self.learner.model_dump()
+        out = []
+        for k, r in enumerate(self.runs):
+            try:
+                out.append((LearnerConfig.model_validate(merge(base, r.learner)), r.weight))
+            except ValidationError as e:
+                where = "; ".join(f"runs[{k}].learner.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                raise ValueError(where) from None
+        return out
 
 
 ALIASES = {"run-dir": "run_dir", "rollout-replicas": "rollout_replicas", "steps": "learner.steps"}

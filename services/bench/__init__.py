@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "publish/fetch MB/s against a raw Redis SET/GET floor, and watch notification latency"),
     "rollout": ("services.bench.rollout",
                 "vLLM tok/s base vs one vs 8 mixed LoRA adapters, and publish->served hot-load latency"),
+    "traffic": ("services.bench.traffic",
+                "streaming OpenAI clients on a training stack: versions served, failures, TTFT, step time with/without"),
     "learner": ("services.bench.learner",
                 "RL update tok/s and peak memory: LoRA (ref = adapter off) vs full fine-tuning + a reference copy"),
 }

@@ -124,10 +124,10 @@ def parse_overrides(args: list[str], aliases: dict[str, str] | None = None) -> d
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -143,7 +143,7 @@ def load_config(model: type[M], path: str | Path | None, overrides: dict[str, An
         except tomllib.TOMLDecodeError as e:
             raise SystemExit(f"{path}: not valid TOML: {e}") from None
     try:
-        return model.model_validate(_merge(data, overrides or {}))
+        return model.model_validate(merge(data, overrides or {}))
     except ValidationError as e:
         lines = [f"  --{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise SystemExit(f"invalid configuration{f' in {path}' if path else ''}:\n" + "\n".join(lines)) from None
@@ -161,14 +161,22 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def _is_tables(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def to_toml(data: dict[str, Any], _prefix: str = "") -> str:
-    """A config dict (scalars, lists, nested sections) as TOML; None values are left out
-    (the model's default applies)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    """A config dict (scalars, lists, nested sections, lists of sections) as TOML; None values
+    are left out (the model's default applies)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()
+             if v is not None and not isinstance(v, dict) and not _is_tables(v)]
     for k, v in data.items():
         if isinstance(v, dict):
             body = to_toml(v, f"{_prefix}{k}.")
             lines += ["", f"[{_prefix}{k}]", body] if body.strip() else []
+        elif _is_tables(v):
+            for item in v:
+                lines += ["", f"[[{_prefix}{k}]]", to_toml(item, f"{_prefix}{k}.")]
     return "\n".join(lines).strip() + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, row: dict[str, Any]) -> None:
+        """One step's row; `time` (Unix seconds, when it was written) is added for tools that
+        line steps up with events outside the learner (e.g. `loraloop bench traffic`)."""
         clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        clean.setdefault("time", round(time.time(), 3))
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k not in ("step", "time") and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, row["step"])
             self._tb.flush()
 

@@ -1,7 +1,7 @@
 """The rollout process: one vLLM engine with the base model, the adapter manager and its
-follower, the Rollout gRPC service, and (with `learner` set) the training worker; served
-until SIGTERM/SIGINT or `stop`, then drained. Whatever happens, the engine's processes and
-scratch files go with it."""
+follower, the Rollout gRPC service, the OpenAI HTTP front, and (with `learner`/`learners`
+set) a training worker per learner; served until SIGTERM/SIGINT or `stop`, then drained.
+Whatever happens, the engine's processes and scratch files go with it."""
 
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
             await manager.follow(name)
         codec = TokenCodec(cfg.engine.model)
         worker_task = None
-        if cfg.learner:
-            from services.rollout.worker import RolloutWorker
+        metrics.priority.labels("http").set(cfg.priority.users)
+        metrics.priority.labels("grpc").set(cfg.priority.users)
+        if cfg.learner_targets():
+            from services.rollout.worker import run_workers
 
-            worker = RolloutWorker(cfg, engine, manager, codec, token,
-                                   cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}")
-            worker_task = asyncio.create_task(worker.run())
+            worker_task = asyncio.create_task(run_workers(
+                cfg, engine, manager, codec, token, cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}", metrics))
 
         if cfg.http.enabled:
             http = await start_http(cfg, engine, manager, broker, metrics)
@@ -72,7 +73,7 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
             follower.stop()
 
         await serve([Registration(pb_grpc.add_RolloutServicer_to_server,
-                                  RolloutServicer(engine, manager, codec, cfg), SERVICE)],
+                                  RolloutServicer(engine, manager, codec, cfg, metrics), SERVICE)],
                     cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, on_started=started, on_stopping=stopping,
                     stop_event=stop)
     finally:
@@ -94,7 +95,9 @@ async def start_http(cfg: RolloutConfig, engine: Engine, manager: AdapterManager
     handlers = await build_handlers(engine, manager, cfg.http.served_model_name or cfg.engine.model)
     token_roles = cfg.auth.token_roles() if cfg.auth.enabled else {}
     policy = AccessPolicy(ROLES_OF_ROUTE, token_roles, cfg.auth.enabled)
-    server = HttpServer(OpenAIFront(handlers, manager, broker, metrics, policy, cfg.http.max_concurrent), cfg.http, cfg.tls)
+    front = OpenAIFront(handlers, manager, broker, metrics, policy, cfg.http.max_concurrent,
+                        min_priority=cfg.priority.users)
+    server = HttpServer(front, cfg.http, cfg.tls)
     await server.start()
     return server
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
 
@@ -38,6 +40,9 @@ class EngineConfig(Section):
     """Reuse KV blocks of shared prefixes (keyed per adapter version, never shared across versions)."""
     seed: int = 0
     """Engine seed (per-request seeds override it)."""
+    scheduling_policy: Literal["priority", "fcfs"] = "priority"
+    """vLLM's scheduling policy: "priority" orders waiting requests by `priority` (see the
+    rollout's [priority]), then arrival; "fcfs" by arrival alone (priorities are ignored)."""
 
 
 class AdapterCacheConfig(Section):
@@ -63,6 +68,22 @@ class HttpConfig(Section):
     """On stop, how long open requests get to finish."""
 
 
+class LearnerTarget(Section):
+    address: str
+    """A learner's address (host:port) to lease prompt groups from."""
+    weight: float = Field(1.0, gt=0)
+    """This learner's share of the replica's leases in flight, relative to the others'."""
+
+
+class PriorityConfig(Section):
+    training: int = 0
+    """vLLM priority of the training worker's requests (lower runs first; ties by arrival)."""
+    users: int = 0
+    """Priority of inference requests (HTTP and gRPC). A user may ask for a later one (vLLM's
+    `priority` field or X-Vllm-Priority header), never for an earlier one. E.g. users = -1
+    serves users before training; training = -1 the reverse; equal values share by arrival."""
+
+
 class RolloutConfig(Section):
     server: ServerConfig = ServerConfig(port=50052)
     """gRPC listener for Generate / ListAdapters."""
@@ -73,13 +94,20 @@ class RolloutConfig(Section):
     broker: str = "127.0.0.1:50050"
     """Broker address (host:port)."""
     learner: str = ""
-    """Learner address for the training loop ("" = serve inference only)."""
+    """Learner address for the training loop ("" = serve inference only, unless `learners`)."""
+    learners: list[LearnerTarget] = []
+    """Several training runs on this replica: learners to lease from, each with its weight, e.g.
+    `--learners='[{address="h:50051", weight=3}, {address="h:50061"}]'` (`learner` counts as one
+    more, weight 1). Each run's groups go back to its own learner only."""
     token_env: str = "LORALOOP_TOKEN"
     """Environment variable with this server's own bearer token (role rollout) for broker and learner."""
     worker_id: str = ""
     """Name of this replica in leases and logs ("" = hostname-pid)."""
     leases_in_flight: int = Field(2, ge=1)
-    """Leases generated concurrently by the training loop."""
+    """Leases generated concurrently by the training loop, over all learners: while several want
+    more, each gets a share in proportion to its weight; one alone may use them all."""
+    priority: PriorityConfig = PriorityConfig()
+    """Training vs users in the engine's queue (engine.scheduling_policy = "priority")."""
     http: HttpConfig = HttpConfig()
     """The OpenAI-compatible HTTP front."""
     auth: AuthConfig = AuthConfig()
@@ -88,6 +116,18 @@ class RolloutConfig(Section):
     """Optional TLS for this server."""
     log_level: str = "INFO"
     """Python logging level."""
+
+
+    @model_validator(mode="after")
+    def _distinct_learners(self) -> RolloutConfig:
+        addresses = [t.address for t in self.learner_targets()]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"a learner is named twice in learner/learners: {addresses}")
+        return self
+
+    def learner_targets(self) -> list[LearnerTarget]:
+        """Every learner to lease from (`learner` first, weight 1, then `learners`)."""
+        return ([LearnerTarget(address=self.learner)] if self.learner else []) + list(self.learners)
 
 
 ALIASES = {"http-port": "http.port", "port": "server.port", "host": "server.host", "model": "engine.model", "follow": "adapters.follow"}

@@ -134,7 +134,7 @@ class Engine:
             enable_lora=True, max_loras=self.cfg.max_loras, max_cpu_loras=self.cfg.max_cpu_loras,
             max_lora_rank=self.cfg.max_lora_rank, enable_prefix_caching=self.cfg.enable_prefix_caching,
             gpu_memory_utilization=self.cfg.gpu_memory_utilization, enforce_eager=True,
-            disable_log_stats=True,
+            disable_log_stats=True, scheduling_policy=self.cfg.scheduling_policy,
             # Behaviour log-probs of the distribution actually sampled from (after temperature).
             logprobs_mode="processed_logprobs",
         )
@@ -186,11 +186,12 @@ class Engine:
         )
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling, lora: LoraHandle | None,
-                       request_id: str, stream: bool = True) -> AsyncIterator[SampleDelta]:
-        """Deltas per sample as they come (stream=True) or each sample once, whole."""
+                       request_id: str, stream: bool = True, priority: int = 0) -> AsyncIterator[SampleDelta]:
+        """Deltas per sample as they come (stream=True) or each sample once, whole. `priority`:
+        lower is scheduled first (engine.scheduling_policy = "priority")."""
         params = self._params(sampling, delta=stream)
         gen = self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id=request_id,
-                                lora_request=self._lora_request(lora))
+                                lora_request=self._lora_request(lora), priority=priority)
         async for out in gen:
             for c in out.outputs:
                 lps = []

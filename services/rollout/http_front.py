@@ -10,6 +10,8 @@ server's own event loop, beside its gRPC service).
 - `Authorization: Bearer` with the gRPC tokens (any role may generate); errors are OpenAI's
   error JSON: 401/403, 404 for an unknown model or version, 400 for bad parameters, 429 past
   `http.max_concurrent` requests in flight, 503 while the server stops.
+- Priority: vLLM's (`priority` in the body or X-Vllm-Priority), floored at the configured
+  users' priority, so a user can yield to training but not jump ahead of what is configured.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ADAPTER_HEADER = "x-loraloop-adapter"
+PRIORITY_HEADER = "x-vllm-priority"  # vLLM's, lower-cased as ASGI headers are
 _INFER = frozenset({"client", "learner", "rollout"})
 ROLES_OF_ROUTE = {"/v1/models": _INFER, "/v1/completions": _INFER, "/v1/chat/completions": _INFER}
 HTTP_OF: dict[type[errors.LoraloopError], int] = {
@@ -68,9 +71,10 @@ class OpenAIFront:
     """The routes and their admission: auth, the in-flight bound, the adapter version."""
 
     def __init__(self, handlers: OpenAIHandlers, manager: AdapterManager, catalog: AdapterCatalog,
-                 metrics: RolloutMetrics, policy: AccessPolicy, max_concurrent: int) -> None:
+                 metrics: RolloutMetrics, policy: AccessPolicy, max_concurrent: int, min_priority: int = 0) -> None:
         self.h, self.manager, self.catalog, self.metrics, self.policy = handlers, manager, catalog, metrics, policy
         self.max_concurrent = max_concurrent
+        self.min_priority = min_priority
         self.in_flight = 0
         metrics.in_flight.labels("http").set_function(lambda: self.in_flight)
         self.stopping = False
@@ -87,6 +91,21 @@ class OpenAIFront:
 
     def _is_base(self, model: str | None) -> bool:
         return not model or model == self.h.base_id
+
+    def _prioritize(self, req: Any, request: Request) -> Request:
+        """The request's vLLM priority (body `priority` or the X-Vllm-Priority header, as `vllm
+        serve` reads them), never earlier than `min_priority` (the configured users' priority):
+        set on `req`; the header is taken off the request handed to vLLM."""
+        asked = getattr(req, "priority", 0) or 0
+        header = request.headers.get(PRIORITY_HEADER)
+        if header is not None:
+            with contextlib.suppress(ValueError):
+                asked = int(header)
+            scope = dict(request.scope)
+            scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != PRIORITY_HEADER.encode()]
+            request = Request(scope, request.receive)
+        req.priority = max(asked, self.min_priority)
+        return request
 
     async def _hold(self, model: str, stack: contextlib.AsyncExitStack) -> LoadedVersion | None:
         """Enter the adapter version `model` selects for the request's length (None: base)."""
@@ -169,6 +188,7 @@ class OpenAIFront:
             req = model_type.model_validate(body)
         except (ValueError, ValidationError) as e:  # json.JSONDecodeError is a ValueError
             return self._error(400, f"invalid request: {e}")
+        request = self._prioritize(req, request)
         user_wants_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
         if req.stream:  # always ask vLLM for the usage chunk (the metrics read it), drop it if not asked
             opts = req.stream_options or self.h.StreamOptions()

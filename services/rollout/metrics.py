@@ -3,7 +3,8 @@
 One registry per server (not the process-global default), so two servers in one process
 (tests, Ray) never share counters. Labels: `model` is the adapter *name* (or `base`), never
 the version, so a long training run does not grow a series per version; `source` says who
-asked (`http` users or the `training` worker).
+asked (`http` or `grpc` users, or the `training` worker); `learner` is a training run's
+learner address (one replica may lease from several).
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ class RolloutMetrics:
                                               "Fetch + check + engine load of one version; kind=swap for one "
                                               "evicted before (the swap cost)", ["kind"], buckets=_LATENCY,
                                               registry=r)
+        self.priority = Gauge("loraloop_priority", "vLLM scheduling priority given to each source's requests "
+                              "(lower runs first)", ["source"], registry=r)
+        self.leases = Counter("loraloop_leases", "Leases taken by the training worker, per learner (run)",
+                              ["learner", "model"], registry=r)
+        self.lease_slots = Gauge("loraloop_lease_slots_held", "Leases being generated now, per learner (run)",
+                                 ["learner"], registry=r)
+        self.lease_weight = Gauge("loraloop_lease_weight", "Configured share of the leases in flight, per learner",
+                                  ["learner"], registry=r)
+        self.groups = Counter("loraloop_groups_submitted", "Trajectory groups sent back, by the learner's answer",
+                              ["learner", "model", "outcome"], registry=r)
         self.adapters_loaded = Gauge("loraloop_adapters_loaded", "Adapter versions loaded in the engine", registry=r)
 
     # The AdapterManager's observer interface.

@@ -11,6 +11,7 @@ from loraloop.v1 import rollout_pb2_grpc as pb_grpc
 from services.rollout.adapters import AdapterManager
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import Engine
+from services.rollout.metrics import RolloutMetrics
 from services.rollout.requests import TokenCodec, sampling_from_pb
 
 SERVICE = "loraloop.v1.Rollout"
@@ -20,22 +21,34 @@ ROLES_OF_METHOD = {f"/{SERVICE}/Generate": _ANY, f"/{SERVICE}/ListAdapters": _AN
 
 
 class RolloutServicer(pb_grpc.RolloutServicer):
-    def __init__(self, engine: Engine, manager: AdapterManager, codec: TokenCodec, cfg: RolloutConfig) -> None:
+    def __init__(self, engine: Engine, manager: AdapterManager, codec: TokenCodec, cfg: RolloutConfig,
+                 metrics: RolloutMetrics | None = None) -> None:
         self.engine, self.manager, self.codec, self.cfg = engine, manager, codec, cfg
+        self.metrics = metrics or RolloutMetrics()
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         sampling = sampling_from_pb(request.params)
         ids = list(request.token_ids.ids) if request.HasField("token_ids") else self.codec.encode(request.text)
         self.codec.check(ids, self.cfg.engine.max_model_len, sampling.max_tokens)
         rid = request.request_id or uuid.uuid4().hex
+        m = self.metrics
         async with self.manager.acquire(request.adapter) as lv:
             name, version = (lv.record.name, lv.record.version) if lv else ("", 0)
-            async for d in self.engine.generate(ids, sampling, lv.handle if lv else None, rid):
-                yield pb.GenerateResponse(
-                    index=d.index, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
-                    finished=d.finished, finish_reason=d.finish_reason, adapter_name=name,
-                    adapter_version=version, prompt_tokens=len(ids),
-                )
+            label, status, generated = name or "base", "error", 0
+            m.prompt_tokens.labels("grpc", label).inc(len(ids))
+            try:
+                async for d in self.engine.generate(ids, sampling, lv.handle if lv else None, rid,
+                                                    priority=self.cfg.priority.users):
+                    generated += len(d.token_ids)
+                    yield pb.GenerateResponse(
+                        index=d.index, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
+                        finished=d.finished, finish_reason=d.finish_reason, adapter_name=name,
+                        adapter_version=version, prompt_tokens=len(ids),
+                    )
+                status = "ok"
+            finally:
+                m.generated_tokens.labels("grpc", label).inc(generated)
+                m.requests.labels("grpc", "generate", label, status).inc()
 
     async def ListAdapters(self, request: pb.ListLoadedRequest, context) -> pb.ListLoadedResponse:
         return self._snapshot()

@@ -84,10 +84,12 @@ class LeaseServer(pbg.LearnerServicer):
     async def SubmitTrajectories(self, request_iterator, context):
         async for g in request_iterator:
             ok = all(len(s.response_token_ids) == len(s.logprobs) > 0 for s in g.samples) and len(g.samples) == 4
-            if not ok:
+            if not ok or g.adapter_name != self.adapter:  # the real learner refuses another run's group too
                 self.s.d["refused"] += 1
+                self.s.d.setdefault("refused_adapters", []).append(g.adapter_name)
                 self.s.save()
-                yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_INVALID_ARGUMENT, message="lengths disagree")
+                yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_INVALID_ARGUMENT,
+                                   message="lengths disagree" if not ok else f"adapter {g.adapter_name!r}")
             elif g.group_id in self.s.d["accepted"]:
                 self.s.d["duplicates"] += 1
                 self.s.save()
@@ -95,6 +97,7 @@ class LeaseServer(pbg.LearnerServicer):
             else:
                 self.s.d["accepted"].append(g.group_id)
                 self.s.d.setdefault("versions", []).append(sorted({s.adapter_version for s in g.samples}))
+                self.s.d.setdefault("adapters", []).append(g.adapter_name)
                 self.s.save()  # durable before the ack
                 await asyncio.sleep(float(os.environ.get("LEASE_SERVER_ACK_DELAY", "0")))
                 yield pb.SubmitAck(group_id=g.group_id, code=pb.ACK_OK)

@@ -88,3 +88,42 @@ def test_to_toml_round_trips_a_service_config(tmp_path):
     f = tmp_path / "learner.toml"
     f.write_text(to_toml(cfg.model_dump()))
     assert load_config(LearnerConfig, f) == cfg
+
+
+def test_to_toml_round_trips_lists_of_sections(tmp_path):
+    from services.common.config import to_toml
+    from services.rollout.config import RolloutConfig
+
+    cfg = RolloutConfig(learner="h:1", learners=[{"address": "h:2", "weight": 3.0}, {"address": "h:3"}])
+    f = tmp_path / "rollout.toml"
+    f.write_text(to_toml(cfg.model_dump()))
+    assert "[[learners]]" in f.read_text()
+    assert load_config(RolloutConfig, f) == cfg
+
+
+def test_stack_runs_are_the_learner_with_each_runs_changes():
+    from services.stack_config import StackConfig
+
+    cfg = StackConfig.model_validate({
+        "learner": {"steps": 50, "model": {"lora_rank": 16}},
+        "runs": [{"learner": {"adapter_name": "a"}},
+                 {"weight": 2, "learner": {"adapter_name": "b", "model": {"lora_rank": 8}}}]})
+    (a, wa), (b, wb) = cfg.run_learners()
+    assert (a.adapter_name, a.steps, a.model.lora_rank, wa) == ("a", 50, 16, 1.0)
+    assert (b.adapter_name, b.steps, b.model.lora_rank, wb) == ("b", 50, 8, 2.0)
+    assert [lc.adapter_name for lc, _ in StackConfig().run_learners()] == ["policy"]  # no [[runs]]: one run
+    with pytest.raises(ValueError, match=r"its own learner\.adapter_name"):
+        StackConfig.model_validate({"runs": [{"learner": {}}, {"learner": {}}]})
+    with pytest.raises(ValueError, match=r"runs\[1\].learner.model.lora_rank"):
+        StackConfig.model_validate({"runs": [{"learner": {"adapter_name": "a"}},
+                                             {"learner": {"adapter_name": "b", "model": {"lora_rank": 0}}}]})
+
+
+def test_examples_two_runs_loads():
+    from services.stack_config import StackConfig
+
+    cfg = load_config(StackConfig, Path(__file__).resolve().parents[2] / "examples" / "two-runs.toml")
+    runs = cfg.run_learners()
+    assert [lc.adapter_name for lc, _ in runs] == ["add-r16", "add-r8"]
+    assert runs[0][0].model.target_modules != runs[1][0].model.target_modules
+    assert cfg.rollout_replicas == 2
