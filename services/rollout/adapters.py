@@ -242,17 +242,18 @@ class AdapterManager:
         """Check, cache and load a version whose bytes are in `fetched_to`/adapter_model.safetensors."""
         key = (record.name, record.version)
         t0 = time.perf_counter()
+        lora_id = self._next_id
+        self._next_id += 1
         try:
             # In a thread: checking and writing tens of MB must not stall the requests being
             # streamed from this event loop meanwhile.
-            path = await asyncio.to_thread(self._check_and_cache, record, fetched_to)
+            path = await asyncio.to_thread(self._check_and_cache, record, fetched_to, lora_id)
         except AdapterRefused as e:
             self.refused[key] = str(e)
             self._notify()
             log.error("refused adapter: %s", e)
             raise
-        handle = LoraHandle(record.ref, self._next_id, str(path))
-        self._next_id += 1
+        handle = LoraHandle(record.ref, lora_id, str(path))
         t1 = time.perf_counter()
         try:
             await self.engine.add_lora(handle)
@@ -276,14 +277,17 @@ class AdapterManager:
         await self._evict_beyond_capacity(keep=key)
         return lv
 
-    def _check_and_cache(self, record: AdapterVersion, fetched_to: Path) -> Path:
+    def _check_and_cache(self, record: AdapterVersion, fetched_to: Path, lora_id: int) -> Path:
+        """Check the fetched bytes and move them to the cache directory of this load. Each load
+        has a directory of its own (`v{version}.{lora_id}`): a version unloaded while a request
+        that pins it loads it again must not delete the new load's files."""
         weights = fetched_to / WEIGHTS_NAME
         if self.source.verifies_sha256:  # hashed on the way in: its header is what is left to check
             check_adapter(record, read_safetensors_prefix(weights), self.base, sha256_verified=True,
                           size=weights.stat().st_size)
         else:
             check_adapter(record, weights.read_bytes(), self.base)
-        path = self.cache_dir / record.name / f"v{record.version}"
+        path = self.cache_dir / record.name / f"v{record.version}.{lora_id}"
         (fetched_to / CONFIG_NAME).write_text(json.dumps(json.loads(record.adapter_config_json)))
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -278,13 +279,14 @@ def test_a_source_that_streams_to_a_file_fills_the_cache_directly(tmp_path):
 
     async def scenario():
         lv = await m.load(rec)
-        assert (tmp_path / "p" / "v1" / "adapter_model.safetensors").read_bytes() == broker.versions[("p", 1)][1]
-        assert json.loads((tmp_path / "p" / "v1" / "adapter_config.json").read_text())["r"] == 4
-        assert lv.handle.path == str(tmp_path / "p" / "v1")
+        path = Path(lv.handle.path)
+        assert path.parent == tmp_path / "p" and path.name == f"v1.{lv.handle.lora_id}"
+        assert (path / "adapter_model.safetensors").read_bytes() == broker.versions[("p", 1)][1]
+        assert json.loads((path / "adapter_config.json").read_text())["r"] == 4
         with pytest.raises(AdapterRefused, match="trained on base"):
             await m.load(bad)
         assert broker.to_file == 2 and broker.fetches == 2 and not leftovers(tmp_path)
-        assert not (tmp_path / "p" / "v2").exists()
+        assert not list((tmp_path / "p").glob("v2*"))
 
     run(scenario())
 
@@ -467,3 +469,38 @@ def test_followed_names_unload_old_versions_unbounded_names_stay_cached(bounded)
         assert ("user", 1) in manager.loaded  # kept for its next request, until LRU
 
     asyncio.run(go())
+
+
+class GatedEngine(FakeEngine):
+    """remove_lora waits for `gate`: an unload held half-way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def remove_lora(self, lora) -> None:
+        self.calls.append(f"remove {lora.lora_name}")
+        await self.gate.wait()
+        self.loaded.pop(lora.lora_id, None)
+
+
+def test_a_pinned_reload_during_the_unload_of_its_version_keeps_its_files(tmp_path):
+    # Seen under 32 streaming clients pinning versions while training published new ones: the
+    # drained version's unload removed its directory after a pinned request had loaded it
+    # again into the same directory; the engine then found no adapter there.
+    broker, engine = FakeBroker(), GatedEngine()
+    m = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    broker.publish("p", 1)
+
+    async def scenario():
+        await m.follow("p")
+        task = asyncio.create_task(m.on_published(broker.publish("p", 2)))  # unloads v1 once v2 is in
+        while "remove p@v1" not in engine.calls:
+            await asyncio.sleep(0.001)
+        async with m.acquire("p@v1") as lv:  # pinned: loads v1 again while its unload is under way
+            engine.gate.set()
+            await task
+            assert (Path(lv.handle.path) / "adapter_model.safetensors").is_file()
+            assert m.loaded[("p", 1)] is lv and m.latest["p"] == 2
+
+    run(scenario())
