@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "publish/fetch MB/s against a raw Redis SET/GET floor, and watch notification latency"),
     "rollout": ("services.bench.rollout",
                 "vLLM tok/s base vs one vs 8 mixed LoRA adapters, and publish->served hot-load latency"),
+    "serving": ("services.bench.serving",
+                "OpenAI-API tok/s and TTFT at 0/1/8/32 adapters, ours vs `vllm serve`; 1,000 Zipf adapters"),
     "traffic": ("services.bench.traffic",
                 "streaming OpenAI clients on a training stack: versions served, failures, TTFT, step time with/without"),
     "learner": ("services.bench.learner",

@@ -278,6 +278,10 @@ class HttpServer:
     async def start(self) -> int:
         sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it. Without it every response (SSE chunks too) waited on
+        # Nagle + the client's delayed ACK: GET /health took 44 ms (vllm serve's: 1.1 ms) and
+        # time to first token on the tiny model 47 ms (vllm serve's: 11.5 ms); with it 0.9 / 11.9.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.cfg.host, self.cfg.port))
         except OSError as e:
