@@ -151,6 +151,22 @@ def scrape(url: str) -> dict[str, float]:
             if line.startswith(("loraloop_leases_total", "loraloop_groups_submitted_total"))}
 
 
+def wait_ready(urls: list[str], timeout_s: float = 300.0) -> None:
+    """Until every replica's /health answers 200 (a stack's replicas start after its learners)."""
+    deadline = time.monotonic() + timeout_s
+    for url in urls:
+        while True:
+            try:
+                with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url}: not serving after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     env = read_env(args.run_dir / "stack.env")
@@ -160,6 +176,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit("stack.env names no learners (LORALOOP_LEARNERS); is this a `loraloop up` run dir?")
     run_dirs = {a: args.run_dir / a if len(learners) > 1 else args.run_dir for a in learners}
 
+    wait_ready(urls)
     from openai import OpenAI
 
     base = OpenAI(base_url=urls[0], api_key=env["OPENAI_API_KEY"]).models.list().data[0].id
