@@ -368,6 +368,14 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def partial(result: dict, out: Path | None, bar) -> None:
+    """What is measured so far, printed and written (a later part may still fail)."""
+    bar.write(report(result))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(__import__("json").dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
@@ -384,8 +392,10 @@ def main(argv: list[str]) -> int:
         with tqdm(total=total, desc="serving bench", unit="run", dynamic_ncols=True) as bar:
             for shape in args.models:
                 result["compare"].append(compare(args, shape, work, broker, tokens, bar))
+                partial(result, args.out, bar)
             for shape in args.zipf_models:
                 result["zipf"].append(zipf(args, shape, work, broker, tokens, bar))
+                partial(result, args.out, bar)
     finally:
         if broker_proc is not None:
             stop_process(broker_proc)
