@@ -214,8 +214,9 @@ class OpenAIFront:
                     met.generated_tokens.labels("http", label).inc(usage.completion_tokens or 0)
                 return JSONResponse(out.model_dump(), headers=headers)
             streaming = True
-            return StreamingResponse(self._stream(out, stack, t0, endpoint, label, user_wants_usage),
-                                     media_type="text/event-stream", headers=headers)
+            release = _Release(self, stack, endpoint, label, t0)
+            return _HeldStream(self._stream(out, release, t0, label, user_wants_usage), release,
+                               media_type="text/event-stream", headers=headers)
         except errors.LoraloopError as e:
             status = http_status_of(e)
             param = "model" if isinstance(e, errors.NotFound | errors.FailedPrecondition) else None
@@ -237,8 +238,8 @@ class OpenAIFront:
         m.requests.labels("http", endpoint, label, status).inc()
         m.duration.labels("http", endpoint).observe(time.perf_counter() - t0)
 
-    async def _stream(self, chunks: AsyncIterator[str], stack: contextlib.AsyncExitStack, t0: float,
-                      endpoint: str, label: str, user_wants_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, chunks: AsyncIterator[str], release: _Release, t0: float, label: str,
+                      user_wants_usage: bool) -> AsyncIterator[str]:
         """vLLM's SSE chunks, passed on while the request holds its adapter version."""
         m, first, status = self.metrics, True, "ok"
         try:
@@ -261,8 +262,45 @@ class OpenAIFront:
             status = "error"
             raise
         finally:
-            await stack.aclose()
-            self._done(endpoint, label, status if status != "ok" else "200", t0)
+            await release(status if status != "ok" else "200")
+
+
+class _Release:
+    """Once per streamed request: let go of its adapter version and count it done."""
+
+    def __init__(self, front: OpenAIFront, stack: contextlib.AsyncExitStack, endpoint: str, label: str,
+                 t0: float) -> None:
+        self.front, self.stack, self.endpoint, self.label, self.t0 = front, stack, endpoint, label, t0
+        self.done = False
+
+    async def __call__(self, status: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            await self.stack.aclose()
+        finally:
+            self.front._done(self.endpoint, self.label, status, self.t0)
+
+
+class _HeldStream(StreamingResponse):
+    """A StreamingResponse that releases its request's hold however it ends. A client gone
+    before the first chunk (the headers' send fails, or the disconnect cancels the response)
+    leaves the body generator never started, so its `finally` never runs: without this, the
+    in-flight count and the version's active count would stay up for good (the version never
+    unloaded)."""
+
+    def __init__(self, body: AsyncIterator[str], release: _Release, **kw: Any) -> None:
+        super().__init__(body, **kw)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]  # started: its finally releases
+            await self.release("cancelled")  # never started: nobody else will
 
 
 class HttpServer:
