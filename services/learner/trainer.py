@@ -76,7 +76,7 @@ class _Prepared:
 
     batch: Batch
     local: Batch
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None  # None: the update's own log-probs, detached (one optimizer step)
     ref_logprobs: torch.Tensor | None  # for the KL loss and metric; None with KL in the reward
     advantages: torch.Tensor
     returns: torch.Tensor | None = None  # the critic's targets (with a critic)
@@ -118,6 +118,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.rank, self.world = policy.rank, policy.world
+        # With one optimizer step per batch the parameters do not move before the last
+        # micro-batch's forward, so the old log-probs are the update's own, detached: no
+        # forward of their own (TRL does the same with num_iterations=1).
+        self.reuse_old_logprobs = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
 
     @property
     def rows(self) -> Rows:
@@ -172,7 +176,7 @@ class Trainer:
         cfg = self.cfg
         mine = self.rows.mine(torch.arange(batch.size, device=batch.input_ids.device))
         local = batch.rows(mine)
-        old_lp = self._logprobs(local)
+        old_lp = None if self.reuse_old_logprobs else self._logprobs(local)
         ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 or cfg.log_kl else None
         # With KL in the reward, every rank needs every row's reference log-probs: rows are
         # few here, so all compute all.
@@ -221,7 +225,8 @@ class Trainer:
         lp, ent = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, self.temperature,
                                              with_entropy=True, entropy_grad=cfg.entropy_coef != 0)
         out = A.policy_loss(
-            A.LossInputs(logprobs=lp, old_logprobs=p.old_logprobs[idx], behaviour_logprobs=mb.behaviour_logprobs,
+            A.LossInputs(logprobs=lp, old_logprobs=lp.detach() if p.old_logprobs is None else p.old_logprobs[idx],
+                         behaviour_logprobs=mb.behaviour_logprobs,
                          advantages=p.advantages[idx], response_mask=mb.response_mask,
                          ref_logprobs=p.ref_logprobs[idx] if p.ref_logprobs is not None else None, entropy=ent),
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap,

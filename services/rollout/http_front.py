@@ -17,6 +17,7 @@ server's own event loop, beside its gRPC service).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -153,11 +154,13 @@ class OpenAIFront:
         """(id, root) for each adapter name the broker has (root: its latest `name@vN`) and each
         live version; versions loaded here that retention has since dropped are listed too."""
         out: dict[str, str] = {}
-        for summary in self.catalog.list_adapters():
-            name = summary.name
-            out[name] = f"{name}@v{summary.latest_version}"
-            records, _ = self.catalog.list_versions(name)
-            out |= {r.ref: r.ref for r in records}
+        summaries = self.catalog.list_adapters()
+        for summary in summaries:
+            out[summary.name] = f"{summary.name}@v{summary.latest_version}"
+        # One ListVersions per name, 16 at a time (1,000 adapters: ~1 s one after another).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            for records, _ in pool.map(self.catalog.list_versions, [x.name for x in summaries]):
+                out |= {r.ref: r.ref for r in records}
         out |= {lv.record.ref: lv.record.ref for lv in self.manager.loaded.values()}
         return sorted(out.items())
 

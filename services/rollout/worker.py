@@ -132,7 +132,7 @@ class RolloutWorker:
         try:
             await self._run()
         finally:
-            log.info("rollout worker for %s done: %s", self.learner, json.dumps(self.stats))
+            log.info("rollout worker done: %s", json.dumps({"learner": self.learner, **self.stats}))
 
     async def _run(self) -> None:
         slots, me = self.slots, self.learner

@@ -170,3 +170,39 @@ def test_two_ranks_equal_one_rank_and_micro_batches_do_not_matter(tiny_model, tm
     for key in keys:
         assert abs(m1[key] - m2[key]) <= 1e-5 * max(1.0, abs(m1[key])), (key, m1[key], m2[key])
         assert abs(m1[key] - m3[key]) <= 1e-5 * max(1.0, abs(m1[key])), (key, m1[key], m3[key])
+
+
+def test_one_optimizer_step_reuses_the_updates_own_logprobs_as_old(tiny_model):
+    """With one optimizer step per batch the old log-probs are the update's own, detached: the
+    step skips their forward and ends exactly where the step with that forward ends."""
+    from services.learner.batch import collate
+    from services.learner.config import AlgoConfig, ModelConfig
+    from services.learner.policy import Policy
+    from services.learner.trainer import Trainer
+
+    batch = collate(synthetic_groups())
+    ends, calls = [], []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        policy = Policy(ModelConfig(path=str(tiny_model), lora_rank=8, lora_alpha=16))
+        trainer = Trainer(policy, AlgoConfig(lr=1e-2, kl_coef=0.0, log_kl=False))
+        assert trainer.reuse_old_logprobs  # one epoch, one mini-batch
+        trainer.reuse_old_logprobs = reuse
+        forward = policy.token_logprobs
+        n = [0]
+
+        def counted(*a, _f=forward, _n=n, **kw):
+            _n[0] += 1
+            return _f(*a, **kw)
+
+        policy.token_logprobs = counted
+        for _ in range(2):  # the second step starts from moved parameters
+            metrics = trainer.step(batch)
+        ends.append(({k: v.detach().clone() for k, v in policy.model.named_parameters() if "lora_" in k},
+                     metrics["actor/pg_loss"]))
+        calls.append(n[0])
+    (p_reuse, loss_reuse), (p_fwd, loss_fwd) = ends
+    assert calls[0] < calls[1]  # the forward for old log-probs is gone
+    assert loss_reuse == pytest.approx(loss_fwd, abs=1e-6)
+    for k in p_reuse:
+        torch.testing.assert_close(p_reuse[k], p_fwd[k], rtol=1e-5, atol=1e-6)
