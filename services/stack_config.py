@@ -27,7 +27,8 @@ from services.rollout.config import RolloutConfig
 DEMO_LEARNER = LearnerConfig(
     steps=700, threads=1,
     model=ModelConfig(lora_rank=16, lora_alpha=32.0, target_modules="all-linear"),
-    algo=AlgoConfig(advantage="grpo", lr=1e-3, loss_agg="token-mean", kl_coef=0.0, max_staleness=1),
+    algo=AlgoConfig(advantage="grpo", lr=1e-3, loss_agg="token-mean", kl_coef=0.0, max_staleness=1,
+                    log_kl_every=10),
     data=DataConfig(dataset="arithmetic", groups_per_step=32, samples_per_group=8, max_tokens=3,
                     temperature=1.0, reward_fn="arithmetic", lease_deadline_s=15.0),
     checkpoint=CheckpointConfig(every=100, keep_last=2),

@@ -62,7 +62,10 @@ class AlgoConfig(Section):
     kl_coef: float = Field(0.0, ge=0)
     """KL-to-reference coefficient (reference = base with the adapter disabled)."""
     log_kl: bool = True
-    """Measure KL to the reference every step even when kl_coef is 0 (one extra forward)."""
+    """Measure KL to the reference (actor/kl) even when kl_coef is 0 (one extra forward)."""
+    log_kl_every: int = Field(1, ge=1)
+    """With kl_coef 0, measure that KL on every N-th step only (the first step after a start or
+    resume, then every N): the forward it costs is a quarter of the demo's update."""
     kl_type: KlName = "k3"
     """KL estimator (k3 = low-variance)."""
     kl_in_reward: bool = False

@@ -122,6 +122,7 @@ class Trainer:
         # micro-batch's forward, so the old log-probs are the update's own, detached: no
         # forward of their own (TRL does the same with num_iterations=1).
         self.reuse_old_logprobs = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+        self.updates = 0  # steps taken by this trainer (since its process started)
 
     @property
     def rows(self) -> Rows:
@@ -168,6 +169,7 @@ class Trainer:
         t0 = time.perf_counter()
         prep = self._prepare(batch.to(self.policy.device))
         sums = self._update(prep)
+        self.updates += 1
         return self._summary(prep, sums, t0)
 
     def _prepare(self, batch: Batch) -> _Prepared:
@@ -177,7 +179,8 @@ class Trainer:
         mine = self.rows.mine(torch.arange(batch.size, device=batch.input_ids.device))
         local = batch.rows(mine)
         old_lp = None if self.reuse_old_logprobs else self._logprobs(local)
-        ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 or cfg.log_kl else None
+        measure_kl = cfg.log_kl and self.updates % cfg.log_kl_every == 0
+        ref_lp = self._logprobs(local, reference=True) if cfg.kl_coef > 0 or measure_kl else None
         # With KL in the reward, every rank needs every row's reference log-probs: rows are
         # few here, so all compute all.
         penalty = None

@@ -206,3 +206,17 @@ def test_one_optimizer_step_reuses_the_updates_own_logprobs_as_old(tiny_model):
     assert loss_reuse == pytest.approx(loss_fwd, abs=1e-6)
     for k in p_reuse:
         torch.testing.assert_close(p_reuse[k], p_fwd[k], rtol=1e-5, atol=1e-6)
+
+
+def test_kl_to_the_base_is_measured_every_nth_step_when_it_is_only_a_metric(tiny_model):
+    from services.learner.batch import collate
+    from services.learner.config import AlgoConfig, ModelConfig
+    from services.learner.policy import Policy
+    from services.learner.trainer import Trainer
+
+    batch = collate(synthetic_groups())
+    policy = Policy(ModelConfig(path=str(tiny_model), lora_rank=8, lora_alpha=16))
+    trainer = Trainer(policy, AlgoConfig(lr=1e-2, kl_coef=0.0, log_kl_every=3))
+    assert ["actor/kl" in trainer.step(batch) for _ in range(7)] == [True, False, False, True, False, False, True]
+    with_kl = Trainer(policy, AlgoConfig(lr=1e-2, kl_coef=0.01, log_kl_every=3))  # in the loss: every step
+    assert all("actor/kl" in with_kl.step(batch) for _ in range(3))
