@@ -10,7 +10,8 @@ front (adapters fetched from the broker by name), and through vLLM's own OpenAI 
 (`vllm serve MODEL --enable-lora --lora-modules a0=DIR ...`, the same adapter files from disk).
 Both load this project's vLLM plugins (they are installed entry points), so the engines are
 the same and the difference is the front. Each count starts with an untimed warm-up request
-per adapter (the first load of each is not in the timed window).
+per adapter (the first load of each is not in the timed window). Each side runs `--rounds`
+passes, alternating which goes first; the medians are reported.
 
 Then the S-LoRA case, ours only (`--zipf-models`, default tiny and 25m): `--zipf-adapters`
 (1,000) distinct adapters published to the broker (r=8 on q_proj and v_proj: a thousand r=16
@@ -31,6 +32,7 @@ import os
 import random
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,12 +65,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
     p.add_argument("--seconds", type=float, default=20.0, help="timed load per condition")
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request (ignore_eos: all generated)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="passes per side, alternating which goes first; medians reported")
     p.add_argument("--cpu-bind", default="auto", help="VLLM_CPU_OMP_THREADS_BIND for both servers' engines")
     p.add_argument("--quick", action="store_true",
                    help="tiny only, 8 clients, 4 s per condition, 50 Zipf adapters (a smoke run)")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.zipf_models, a.clients, a.seconds, a.zipf_adapters, a.tokens = "tiny", "tiny", 8, 4.0, 50, 16
+        a.rounds = 1
     a.models = [m for m in a.models.split(",") if m]
     a.zipf_models = [m for m in a.zipf_models.split(",") if m]
     bad = [m for m in a.models + a.zipf_models if m not in DTYPES]
@@ -260,6 +265,17 @@ def zipf_picker(n: int, seed: int):
 # ------------------------------------------------------------------ main
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One condition over its rounds: medians of tok/s and TTFT, failures summed, each round kept."""
+    med = statistics.median
+    p50 = [r["ttft_ms_p50"] for r in rounds if r["ttft_ms_p50"] is not None]
+    p99 = [r["ttft_ms_p99"] for r in rounds if r["ttft_ms_p99"] is not None]
+    return {"tok_s": med(r["tok_s"] for r in rounds), "ttft_ms_p50": med(p50) if p50 else None,
+            "ttft_ms_p99": med(p99) if p99 else None, "requests": sum(r["requests"] for r in rounds),
+            "failed": sum(r["failed"] for r in rounds), "failures": [f for r in rounds for f in r["failures"]][:5],
+            "rounds": rounds}
+
+
 def counts_pick(count: int, base: str):
     return (lambda k: base) if count == 0 else (lambda k: f"a{k % count}")
 
@@ -272,12 +288,16 @@ def compare(args, shape: str, work: Path, broker: str, tokens: dict[str, str], b
     publish(broker, tokens["learner"], model, dirs, [f"a{i}" for i in range(len(dirs))])
     eng = engine_args(shape, max(COUNTS) + 8, RANK)
     out: dict = {"model": shape, "engine": eng, "ours": {}, "vllm": {}}
-    for side in ("ours", "vllm"):
+    runs: dict[str, dict[str, list[dict]]] = {"ours": {}, "vllm": {}}
+    # Rounds alternate which side goes first (ours, vllm, vllm, ours, ...): one pass of each
+    # varied by about as much as the gap between them (a rerun of ours alone at 25m / 1
+    # adapter: 745.6 tok/s against 677.2 in the pass that ran first).
+    order = [side for r in range(args.rounds) for side in (("ours", "vllm") if r % 2 == 0 else ("vllm", "ours"))]
+    for side in order:
+        key = tokens["client"]
         if side == "ours":
             proc, url = start_ours(model, broker, tokens, work, eng, args.cpu_bind)
-            key = tokens["client"]
         else:
-            key = tokens["client"]
             proc, url = start_vllm(model, dirs, work, eng, key, args.cpu_bind)
         try:
             from openai import OpenAI
@@ -288,10 +308,12 @@ def compare(args, shape: str, work: Path, broker: str, tokens: dict[str, str], b
                 asyncio.run(warm(url, key, [f"a{i}" for i in range(count)] or [base], args.tokens))
                 load = asyncio.run(run_load(url, key, counts_pick(count, base), args.clients, args.seconds,
                                             args.tokens))
-                out[side][str(count)] = load.summary()
+                runs[side].setdefault(str(count), []).append(load.summary())
                 bar.update(1)
         finally:
             stop_process(proc, timeout_s=30)
+    for side, by_count in runs.items():
+        out[side] = {c: merge_rounds(rs) for c, rs in by_count.items()}
     o, v = out["ours"], out["vllm"]
     one = o["1"]["tok_s"] or 1e-9
     out["ratios"] = {
@@ -341,7 +363,8 @@ def report(result: dict) -> str:
     def ok(x: float, goal: float, higher: bool = True) -> str:
         return "ok" if (x >= goal if higher else x <= goal) else "MISSED"
 
-    lines = [f"clients {result['clients']}, {result['seconds']:.0f} s per condition, max_tokens {result['tokens']} "
+    lines = [f"clients {result['clients']}, {result['seconds']:.0f} s per condition and round (medians of "
+             f"{result.get('rounds', 1)} rounds per side, alternating which goes first), max_tokens {result['tokens']} "
              f"(ignore_eos), max_loras {MAX_LORAS}"]
     for c in result["compare"]:
         lines.append(f"\n{c['model']}: tokens/s and TTFT p50/p99 (ms)   ours (loraloop HTTP)        vllm serve"
@@ -384,11 +407,11 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="loraloop-bench-serving-"))
     redis_proc, redis_url = start_redis(work / "redis")
     broker_proc = None
-    result: dict = {"machine": machine_info(), "clients": args.clients, "seconds": args.seconds,
+    result: dict = {"machine": machine_info(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
                     "tokens": args.tokens, "goals": GOALS, "compare": [], "zipf": []}
     try:
         broker_proc, broker = start_broker(redis_url, work, tokens, 64 * 1024 * 1024)
-        total = len(args.models) * 2 * len(COUNTS) + 2 * len(args.zipf_models)
+        total = len(args.models) * 2 * args.rounds * len(COUNTS) + 2 * len(args.zipf_models)
         with tqdm(total=total, desc="serving bench", unit="run", dynamic_ncols=True) as bar:
             for shape in args.models:
                 result["compare"].append(compare(args, shape, work, broker, tokens, bar))
