@@ -16,7 +16,10 @@ from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.procs import free_port
 from tests.support.proctree import alive, descendants, scratch_dirs
 
-STEPS = 200
+# Long enough for the killed replica's replacement to start (its engine start sweeps the
+# victim's scratch dirs) before the run ends: under CI's load it took over 2 minutes, and at
+# ~0.45 s a step 200 steps left it ~90 s (the replacement was stopped mid-start).
+STEPS = 400
 
 
 def _env_file(path) -> dict[str, str]:
@@ -48,6 +51,11 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
             assert extra.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         while len(read_metrics(run)) < 20:  # training under way, both replicas at work
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        # The victim is a serving replica (the hand-started one can carry training alone while
+        # the stack's own is still starting its engine).
+        while "loraloop rollout listening" not in (run / "logs" / "rollout-0.log").read_text(errors="replace"):
             assert up.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         # Kill the original replica (SIGKILL, by its pid): `up` replaces it, its leases are re-issued.
