@@ -162,7 +162,10 @@ class Stack:
         name = f"rollout-{k}"
         env = {**self.service_env("rollout"), "VLLM_CPU_OMP_THREADS_BIND": self.cfg.rollout_cpu_bind}
         http = ["--http.port", str(self.http_ports[k])] if self.cfg.rollout.http.enabled else []
-        self.sup.start(name, [*self.rollout_args, "--port", str(free_port()), *http, f"--worker_id={name}"], env)
+        # gRPC port 0: the server takes a free one when it binds, after its engine has started
+        # (~40 s). A port picked here could be taken by then (seen: by a replica started by
+        # hand), and every restart of the replica would fail to bind it again.
+        self.sup.start(name, [*self.rollout_args, "--port", "0", *http, f"--worker_id={name}"], env)
         return name
 
     def openai_urls(self) -> list[str]:

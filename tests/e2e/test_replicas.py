@@ -13,7 +13,6 @@ import time
 from services.common import events
 from services.learner.metrics import read_metrics
 from services.rollout.adapters import ADAPTER_LOADED
-from tests.support.procs import free_port
 from tests.support.proctree import alive, descendants, scratch_dirs
 
 # Long enough for the killed replica's replacement to start (its engine start sweeps the
@@ -41,7 +40,7 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
         # A replica started by hand, from the stack's own rollout.toml.
         extra_log = open(tmp_path / "extra-rollout.log", "wb")  # noqa: SIM115
         extra = subprocess.Popen([sys.executable, "-m", "services.cli", "rollout", str(run / "rollout.toml"),
-                                  "--port", str(free_port()), "--worker_id=by-hand"],
+                                  "--port", "0", "--worker_id=by-hand"],
                                  env={**os.environ, "LORALOOP_TOKEN": env["LORALOOP_ROLLOUT_TOKEN"],
                                       "LORALOOP_TOKENS": f"client:{env['LORALOOP_CLIENT_TOKEN']}",
                                       "VLLM_CPU_OMP_THREADS_BIND": "1"},
