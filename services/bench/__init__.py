@@ -49,6 +49,26 @@ def read_lines(path: str) -> list[str]:
         return []
 
 
+def wait_http_ok(url: str, timeout_s: float, exited=lambda: None) -> bool:
+    """Poll `url` until it answers 200 (True), `exited()` returns a reason (False), or
+    `timeout_s` passes (False)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if exited() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def usage() -> str:
     width = max(map(len, BENCHMARKS))
     rows = "\n".join(f"  {n:<{width}}  {s}" for n, (_, s) in BENCHMARKS.items())

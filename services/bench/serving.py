@@ -41,7 +41,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bench import emit, percentile
+from services.bench import emit, percentile, wait_http_ok
 from services.bench.broker import ROLES, start_broker, start_redis
 from services.bench.rollout import DTYPES, RANK, machine_info, make_adapters
 from services.common.proc import stop_process
@@ -156,19 +156,11 @@ async def warm(url: str, key: str, models: list[str], tokens: int) -> None:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
+    if wait_http_ok(url, timeout_s, lambda: None if proc.poll() is None else "exited"):
+        return
+    why = "exited" if proc.poll() is not None else f"not ready after {timeout_s:.0f} s"
     stop_process(proc)
-    raise SystemExit(f"server not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+    raise SystemExit(f"server {why}:\n{log.read_text()[-3000:]}")
 
 
 def engine_args(shape: str, max_cpu_loras: int, max_rank: int) -> dict[str, str]:

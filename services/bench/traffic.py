@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bench import emit, percentile
+from services.bench import emit, percentile, wait_http_ok
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -155,16 +155,8 @@ def wait_ready(urls: list[str], timeout_s: float = 300.0) -> None:
     """Until every replica's /health answers 200 (a stack's replicas start after its learners)."""
     deadline = time.monotonic() + timeout_s
     for url in urls:
-        while True:
-            try:
-                with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url}: not serving after {timeout_s:.0f} s")
-            time.sleep(0.5)
+        if not wait_http_ok(url.removesuffix("/v1") + "/health", max(0.0, deadline - time.monotonic())):
+            raise SystemExit(f"{url}: not serving after {timeout_s:.0f} s")
 
 
 def main(argv: list[str]) -> int:
