@@ -254,10 +254,12 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
         f"LORALOOP_LEARNERS={','.join(f'{r.adapter}={r.address}' for r in st.runs)}\n"
         f"LORALOOP_TOKEN={tokens['learner']}\nLORALOOP_ROLLOUT_TOKEN={tokens['rollout']}\n"
         f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n{openai}")
-    for run in st.runs:
-        wait_healthy(run.address, sup, [run.proc], 300)
+    # Replicas start beside the learners, not after them: the engine start (~30 s) is the
+    # longest, and a replica retries its leases until its learner answers.
     for k in range(cfg.rollout_replicas):
         st.start_rollout(k)
+    for run in st.runs:
+        wait_healthy(run.address, sup, [run.proc], 300)
     return st
 
 
@@ -292,9 +294,21 @@ class _MetricsTail:
         return [json.loads(line) for line in complete.splitlines()]
 
 
-def follow_progress(st: Stack) -> None:
+def engine_start_s(log_path: Path) -> float | None:
+    """The rollout engine's own start time, as its replica logged it (None before that)."""
+    import re
+
+    try:
+        m = re.search(r"engine started for .* in ([0-9.]+) s", log_path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return float(m.group(1)) if m else None
+
+
+def follow_progress(st: Stack, t0: float | None = None) -> None:
     """A progress bar per run from its learner's metrics; replaces dead rollout replicas;
-    returns when every learner has finished."""
+    returns when every learner has finished. With `t0` (the command's start, monotonic), the
+    time to the first step is printed beside the rollout engine's own start."""
     from tqdm import tqdm
 
     several = len(st.runs) > 1
@@ -307,6 +321,10 @@ def follow_progress(st: Stack) -> None:
             for r in st.runs:
                 bar = bars[r.proc]
                 for row in tails[r.proc].rows():
+                    if t0 is not None and not any(done.values()):
+                        eng = engine_start_s(st.sup.log_dir / "rollout-0.log")
+                        tqdm.write(f"first step {time.monotonic() - t0:.1f} s after the command"
+                                   + (f" (rollout engine start {eng:.1f} s)" if eng is not None else ""))
                     bar.n = done[r.proc] = row["step"]
                     bar.set_postfix({"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
                                      "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",
@@ -351,7 +369,8 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     try:
         model = prepare_model(cfg, run_dir)
-        print("starting redis, broker, learner ...", flush=True)
+        print(f"model ready after {time.monotonic() - t0:.1f} s; starting redis, broker, learner and rollout ...",
+              flush=True)
         st = start_stack(cfg, run_dir, model, sup)
         learners = ", ".join(f"{r.adapter} {r.address}" for r in st.runs)
         print(f"broker {st.broker}, learner{'s' if len(st.runs) > 1 else ''} {learners}; "
@@ -363,7 +382,7 @@ def main(argv: list[str]) -> int:
             models = ", ".join(f'"{r.adapter}@latest", "{r.adapter}@vN"' for r in st.runs)
             print(f"OpenAI API (while it trains): {', '.join(st.openai_urls())} -- `source {run_dir}/stack.env` "
                   f"sets OPENAI_BASE_URL and OPENAI_API_KEY; model {models} or \"{model}\" (the base)", flush=True)
-        follow_progress(st)
+        follow_progress(st, t0)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 130

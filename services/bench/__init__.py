@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "OpenAI-API tok/s and TTFT at 0/1/8/32 adapters, ours vs `vllm serve`; 1,000 Zipf adapters"),
     "traffic": ("services.bench.traffic",
                 "streaming OpenAI clients on a training stack: versions served, failures, TTFT, step time with/without"),
+    "peers": ("services.bench.peers",
+              "loraloop up vs TRL GRPOTrainer (own venv) on the tiny demo: s/step, time to a reward target, memory"),
     "learner": ("services.bench.learner",
                 "RL update tok/s and peak memory: LoRA (ref = adapter off) vs full fine-tuning + a reference copy"),
 }

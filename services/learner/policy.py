@@ -211,11 +211,15 @@ class Policy:
 
     def save_adapter(self, out_dir: str | Path) -> Path | None:
         """Write adapter_config.json + adapter_model.safetensors (rank 0); collective."""
+        sd = self.adapter_state_dict()
+        return self.write_adapter(sd, out_dir) if self.rank == 0 else None
+
+    def write_adapter(self, sd: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """Write `sd` (from `adapter_state_dict`: copies, so the next step may change the
+        parameters meanwhile) as a PEFT directory. Not a collective: the learner's publish
+        thread calls it while the next step trains."""
         from safetensors.torch import save_file
 
-        sd = self.adapter_state_dict()
-        if self.rank != 0:
-            return None
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "adapter_model.safetensors"))

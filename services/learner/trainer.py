@@ -166,11 +166,15 @@ class Trainer:
     def step(self, batch: Batch) -> dict[str, float]:
         """One update on `batch` (the same full batch on every rank): prepare, then the
         micro-steps of every mini-batch and epoch, then the metrics."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         prep = self._prepare(batch.to(self.policy.device))
         sums = self._update(prep)
         self.updates += 1
-        return self._summary(prep, sums, t0)
+        out = self._summary(prep, sums, t0)
+        # CPU time of this thread: well under timing_s/update means the update waited (for the
+        # GIL, or for a core another process was given).
+        out["timing_s/update_cpu"] = time.thread_time() - c0
+        return out
 
     def _prepare(self, batch: Batch) -> _Prepared:
         """This rank's rows with their old (and reference) log-probs, and the advantages,

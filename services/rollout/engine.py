@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,12 +139,14 @@ class Engine:
             # Behaviour log-probs of the distribution actually sampled from (after temperature).
             logprobs_mode="processed_logprobs",
         )
+        t0 = time.monotonic()
         try:
             self.llm = AsyncLLM.from_engine_args(args)
         except BaseException:
             self.shutdown()
             raise
-        log.info("engine started for %s", self.cfg.model)
+        self.start_s = time.monotonic() - t0
+        log.info("engine started for %s in %.1f s", self.cfg.model, self.start_s)
 
     def _lora_request(self, lora: LoraHandle | None):
         if lora is None:

@@ -1,0 +1,269 @@
+"""`loraloop bench peers`: loraloop against TRL on the same job, in one invocation.
+
+Both sides get the same warm-started tiny model (built here exactly as `loraloop up` builds
+it), the same prompts (token-identical), reward, batch (32 prompts x 8 samples), response
+length, sampling temperature, LoRA (r16/alpha 32, all-linear), optimizer (AdamW, constant lr
+1e-3), loss (token mean, no KL) and step count, and the same machine: they run one after
+the other, never together, ours first. Ours is `loraloop up` as a user runs it (Redis, broker,
+learner and one rollout replica, as processes); the peer is TRL's `GRPOTrainer` + peft in a
+virtual environment of its own (services/bench/peer_env.py: TRL's pins never touch ours),
+running services/bench/trl_peer.py with all the machine's cores as torch threads.
+
+Figures per side: seconds per step (median of the wall time between consecutive steps),
+time to the reward target (the first step at which the 20-step moving mean of the batch
+reward has risen `--target-gain` above the mean of the first 20 steps; seconds from the
+first step), final reward (mean of the last 5 steps), time from the command to the first step,
+and the peak resident memory of the side's whole process tree (sum over its processes,
+sampled every 0.5 s). The table shows ours/TRL for each, with the issue's goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services.bench import emit, read_lines
+
+GOALS = {"s_per_step": "<= 1.0x", "time_to_target_s": "<= 1.0x"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="loraloop bench peers",
+        description="loraloop (`loraloop up`, the local stack) against TRL 1.16 GRPOTrainer + peft (its own venv) "
+                    "on the tiny arithmetic demo: s/step, time to a reward target, final reward, peak memory, "
+                    "one side after the other in this invocation.")
+    p.add_argument("--out", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench-peers"),
+                   help="model, run dirs and the peer's output go here")
+    p.add_argument("--steps", type=int, default=700, help="training steps on each side (the demo's 700)")
+    p.add_argument("--target-gain", type=float, default=0.3,
+                   help="reward target: 20-step moving mean this far above the first 20 steps' mean")
+    p.add_argument("--peer-threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads of the peer (default: every core this process may use, as ours uses them)")
+    p.add_argument("--venv", type=Path, default=None,
+                   help="the peer's venv (default ~/.cache/loraloop/peer-trl or $LORALOOP_PEER_VENV)")
+    p.add_argument("--venv-timeout", type=float, default=1800.0,
+                   help="seconds allowed to build the peer's venv; past it the peer is skipped, saying so")
+    p.add_argument("--skip-peer", action="store_true", help="run ours only")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 12 steps per side, venv build <= 600 s")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.venv_timeout = 12, min(a.venv_timeout, 600.0)
+    if a.steps < 2:
+        p.error("--steps must be >= 2")
+    return a
+
+
+# ------------------------------------------------------------------ process-tree memory
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in read_lines(f"/proc/{pid}/task") or [str(pid)]:
+        for line in read_lines(f"/proc/{pid}/task/{task}/children"):
+            out += [int(c) for c in line.split()]
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    for line in read_lines(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of `pid` and every descendant, summed (0 where /proc is not Linux's)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _rss_kb(p)
+        todo += _children(p)
+    return total
+
+
+class PeakTreeMemory:
+    """Samples `tree_rss_kb(pid)` every `every_s` on a thread; `.peak_mb` is the largest sum."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        self.pid, self.every_s, self.peak_kb = pid, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-tree-memory")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, tree_rss_kb(self.pid))
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb / 1024
+
+
+# ------------------------------------------------------------------ figures
+
+
+def figures(rows: list[dict[str, Any]], reward_key: str, time_key: str) -> dict[str, Any]:
+    """s/step (median gap between consecutive steps), training time and the rewards at both
+    ends, from per-step rows (`time_key`: seconds, any origin)."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    rewards = [float(r[reward_key]) for r in rows]
+    times = [float(r[time_key]) for r in rows]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return {"steps": len(rows), "s_per_step": statistics.median(gaps) if gaps else None,
+            "train_s": times[-1] - times[0] if times else None,
+            "reward_first20": statistics.fmean(rewards[:20]) if rewards else None,
+            "reward_last5": statistics.fmean(rewards[-5:]) if rewards else None}
+
+
+def time_to_target(rows: list[dict[str, Any]], reward_key: str, target: float) -> tuple[int, float] | None:
+    """(step, seconds since the first step) at which the 20-step moving mean of the reward
+    first reaches `target`; None if it never does."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    rewards = [float(r[reward_key]) for r in rows]
+    for k in range(19, len(rewards)):
+        if statistics.fmean(rewards[k - 19:k + 1]) >= target:
+            return rows[k]["step"], float(rows[k]["time"]) - float(rows[0]["time"])
+    return None
+
+
+def ratio(ours: Any, peer: Any) -> float | None:
+    return ours / peer if isinstance(ours, (int, float)) and isinstance(peer, (int, float)) and peer else None
+
+
+# ------------------------------------------------------------------ the two sides
+
+
+def build_model(work: Path) -> Path:
+    """The demo's model, built and warm-started as `loraloop up` does (once per work dir)."""
+    from services.stack import prepare_model
+    from services.stack_config import StackConfig
+
+    return prepare_model(StackConfig(run_dir=str(work)), work)
+
+
+def run_ours(work: Path, model: Path, steps: int) -> dict[str, Any]:
+    run_dir = work / "loraloop"
+    if (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    cmd = [sys.executable, "-m", "services.cli", "up", f"--run_dir={run_dir}", f"--model={model}",
+           f"--learner.steps={steps}", "--plot=False", "--learner.checkpoint.resume=never"]
+    print(f"ours: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.monotonic()
+    log = (work / "loraloop-up.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    mem = PeakTreeMemory(proc.pid)
+    rc = proc.wait()
+    peak = mem.stop()
+    wall = time.monotonic() - t0
+    log.close()
+    text = (work / "loraloop-up.log").read_text(errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"loraloop up exited {rc}:\n{text[-3000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    first = next((line for line in text.splitlines() if "first step" in line), "")
+    out = figures(rows, "reward/mean", "time")
+    out.update(peak_tree_rss_mb=peak, wall_s=wall, first_step_line=first.split("\r")[-1].strip(),
+               update_s_median=statistics.median(r["timing_s/update"] for r in rows))
+    return {"rows": rows, **out}
+
+
+def run_peer(work: Path, model: Path, steps: int, threads: int, venv: Path | None,
+             venv_timeout: float) -> dict[str, Any]:
+    from services.bench import peer_env
+
+    try:
+        python = peer_env.ensure_trl_venv(venv or peer_env.DEFAULT_VENV, venv_timeout)
+    except RuntimeError as e:
+        return {"skipped": f"the TRL venv could not be built: {str(e).splitlines()[0]}"}
+    prompts = peer_env.write_prompts_jsonl(work / "trl-prompts.jsonl", model)
+    print(f"peer: TRL GRPOTrainer, {threads} thread(s) ({', '.join(f'{k} {v}' for k, v in peer_env.peer_versions(venv or peer_env.DEFAULT_VENV).items())})",
+          flush=True)
+    t0 = time.monotonic()
+    holder: dict[str, PeakTreeMemory] = {}
+    rows = peer_env.run_trl(python, model, prompts, work / "trl.jsonl", steps, threads,
+                            on_start=lambda pid: holder.setdefault("mem", PeakTreeMemory(pid)))
+    peak = holder["mem"].stop() if "mem" in holder else None
+    steps_rows = [r for r in rows if not r.get("summary")]
+    summary = rows[-1]
+    out = figures(steps_rows, "reward_mean", "time")
+    out.update(peak_tree_rss_mb=peak, wall_s=time.monotonic() - t0, setup_s=summary.get("setup_s"),
+               versions=peer_env.peer_versions(venv or peer_env.DEFAULT_VENV))
+    return {"rows": steps_rows, **out}
+
+
+def compare(ours: dict[str, Any], peer: dict[str, Any], target_gain: float) -> dict[str, Any]:
+    """Both sides' figures against one reward target: the higher of the two sides' first-20
+    means plus `target_gain` (so neither reaches it by starting higher)."""
+    starts = [d["reward_first20"] for d in (ours, peer) if d.get("reward_first20") is not None]
+    target = max(starts) + target_gain
+    table = {}
+    for side, d, key in (("loraloop", ours, "reward/mean"), ("trl", peer, "reward_mean")):
+        if "rows" not in d:
+            continue
+        hit = time_to_target(d["rows"], key, target)
+        table[side] = {k: d.get(k) for k in ("s_per_step", "reward_first20", "reward_last5", "train_s",
+                                             "peak_tree_rss_mb")}
+        table[side].update(target_step=hit[0] if hit else None, time_to_target_s=hit[1] if hit else None)
+    return {"target": target, "table": table}
+
+
+def report(res: dict[str, Any]) -> str:
+    t = res["comparison"]["table"]
+    ours, peer = t.get("loraloop", {}), t.get("trl", {})
+    lines = [f"loraloop vs TRL, tiny arithmetic demo, {res['steps']} steps per side; reward target "
+             f"{res['comparison']['target']:.3f} (20-step moving mean)",
+             f"{'':24s}{'loraloop':>12s}{'TRL':>12s}{'ours/TRL':>10s}  goal"]
+
+    def fmt(v: Any, spec: str) -> str:
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    for key, label, spec in (("s_per_step", "s/step (median)", ".3f"), ("time_to_target_s", "time to target (s)", ".1f"),
+                             ("target_step", "step at target", "d"), ("reward_first20", "reward, first 20", ".3f"),
+                             ("reward_last5", "reward, last 5", ".3f"), ("train_s", "first to last step (s)", ".1f"),
+                             ("peak_tree_rss_mb", "peak memory, tree (MB)", ".0f")):
+        r = ratio(ours.get(key), peer.get(key))
+        lines.append(f"{label:24s}{fmt(ours.get(key), spec):>12s}{fmt(peer.get(key), spec):>12s}"
+                     f"{fmt(r, '.2f'):>10s}  {GOALS.get(key, '')}")
+    o = res["loraloop"]
+    lines.append(f"ours: {o.get('first_step_line', '')}; learner update median {o['update_s_median']:.3f} s")
+    if "skipped" in res["trl"]:
+        lines.append(f"TRL: skipped -- {res['trl']['skipped']}")
+    else:
+        lines.append(f"TRL: setup {fmt(res['trl'].get('setup_s'), '.1f')} s before its first step; "
+                     + ", ".join(f"{k} {v}" for k, v in res["trl"].get("versions", {}).items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    work = a.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"building the demo model in {work} (once) ...", flush=True)
+    model = build_model(work)
+    ours = run_ours(work, model, a.steps)
+    peer = {"skipped": "--skip-peer"} if a.skip_peer else run_peer(work, model, a.steps, a.peer_threads, a.venv,
+                                                                    a.venv_timeout)
+    res = {"steps": a.steps, "cores": len(os.sched_getaffinity(0)), "peer_threads": a.peer_threads,
+           "loraloop": {k: v for k, v in ours.items() if k != "rows"},
+           "trl": {k: v for k, v in peer.items() if k != "rows"},
+           "comparison": compare(ours, peer, a.target_gain)}
+    res["curves"] = {"loraloop": [[r["time"] - ours["rows"][0]["time"], r["reward/mean"]] for r in ours["rows"]],
+                     "trl": [[r["time"] - peer["rows"][0]["time"], r["reward_mean"]] for r in peer.get("rows", [])]}
+    emit(report(res), res, a.out)
+    return 0

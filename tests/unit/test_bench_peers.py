@@ -1,0 +1,86 @@
+"""`loraloop bench peers`: its figures from per-step rows, the shared reward target, the
+process-tree memory sampler and its arguments (the whole bench runs in
+tests/e2e/test_bench_peers.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.bench import peers
+
+
+def _rows(rewards: list[float], dt: float, key: str = "reward/mean", t0: float = 1000.0) -> list[dict]:
+    return [{"step": k + 1, key: r, "time": t0 + k * dt} for k, r in enumerate(rewards)]
+
+
+def test_figures_median_step_time_and_both_ends() -> None:
+    rows = _rows([0.1] * 20 + [0.5] * 10, dt=0.2)
+    rows[5]["time"] += 3.0  # one slow gap (and the next one short) must not move the median
+    f = peers.figures(rows, "reward/mean", "time")
+    assert f["s_per_step"] == pytest.approx(0.2)
+    assert f["reward_first20"] == pytest.approx(0.1) and f["reward_last5"] == pytest.approx(0.5)
+    assert f["train_s"] == pytest.approx(29 * 0.2)
+
+
+def test_time_to_target_is_the_first_20_step_window_at_the_target() -> None:
+    rewards = [0.1] * 30 + [0.6] * 30
+    # window k-19..k mean >= 0.4: needs >= 12 of 20 at 0.6 (0.1*8 + 0.6*12 = 8.0 / 20 = 0.4)
+    step, secs = peers.time_to_target(_rows(rewards, dt=0.5), "reward/mean", 0.4)
+    assert step == 42 and secs == pytest.approx(41 * 0.5)
+    assert peers.time_to_target(_rows([0.1] * 40, dt=0.5), "reward/mean", 0.4) is None
+
+
+def test_compare_uses_one_target_for_both_sides() -> None:
+    ours = {"rows": _rows([0.2] * 20 + [0.6] * 40, dt=0.3), "reward_first20": 0.2, "s_per_step": 0.3}
+    peer = {"rows": _rows([0.1] * 20 + [0.6] * 40, dt=0.1, key="reward_mean"), "reward_first20": 0.1,
+            "s_per_step": 0.1}
+    c = peers.compare(ours, peer, 0.3)
+    assert c["target"] == pytest.approx(0.5)  # the higher start + the gain
+    # ours: 0.2 * (20 - b) + 0.6 * b >= 0.5 * 20 at b = 15; the peer, starting lower, at b = 16
+    assert c["table"]["loraloop"]["target_step"] == 35 and c["table"]["trl"]["target_step"] == 36
+    assert c["table"]["loraloop"]["time_to_target_s"] == pytest.approx(34 * 0.3)
+    assert c["table"]["trl"]["time_to_target_s"] == pytest.approx(35 * 0.1)
+    text = peers.report({"steps": 60, "comparison": c, "loraloop": {"update_s_median": 0.1},
+                         "trl": {"skipped": "test"}})
+    assert "2.91" in text and "TRL: skipped -- test" in text  # 10.2 s / 3.5 s
+
+
+def test_compare_without_the_peer_has_our_side_only() -> None:
+    ours = {"rows": _rows([0.2] * 30, dt=0.3), "reward_first20": 0.2}
+    c = peers.compare(ours, {"skipped": "no venv"}, 0.3)
+    assert set(c["table"]) == {"loraloop"} and c["table"]["loraloop"]["time_to_target_s"] is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_tree_memory_counts_children() -> None:
+    code = "import subprocess, sys, time; b = bytearray(80 << 20); " \
+           "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(80 << 20); import time; time.sleep(30)']); " \
+           "time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and peers.tree_rss_kb(proc.pid) < 160 << 10:
+            time.sleep(0.2)
+        both = peers.tree_rss_kb(proc.pid)
+        assert both >= 160 << 10, both  # parent's and child's 80 MB each
+        assert peers._rss_kb(proc.pid) < both - (60 << 10)
+    finally:
+        for c in peers._children(proc.pid):
+            os.kill(c, 9)
+        proc.kill()
+        proc.wait()
+
+
+def test_arguments() -> None:
+    a = peers.parse_args(["--quick"])
+    assert a.steps == 12 and a.venv_timeout <= 600
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--steps", "1"])
+    out = subprocess.run([sys.executable, "-m", "services.cli", "bench", "peers", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--target-gain" in out.stdout and "TRL" in out.stdout
