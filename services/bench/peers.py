@@ -34,6 +34,7 @@ from typing import Any
 from services.bench import emit, read_lines
 
 GOALS = {"s_per_step": "<= 1.0x", "time_to_target_s": "<= 1.0x"}
+SAMPLES = 8  # the demo's samples per group
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,12 +56,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--venv-timeout", type=float, default=1800.0,
                    help="seconds allowed to build the peer's venv; past it the peer is skipped, saying so")
     p.add_argument("--skip-peer", action="store_true", help="run ours only")
+    p.add_argument("--staleness", default="",
+                   help="also run ours at these max_staleness values, e.g. 0,1,2 (1 is the demo run): async vs sync")
+    p.add_argument("--staleness-steps", type=int, default=0, help="steps of those extra runs (default --steps)")
+    p.add_argument("--plot", type=Path, help="write reward against wall-clock time, both sides, to this PNG")
     p.add_argument("--quick", action="store_true", help="a smoke run: 12 steps per side, venv build <= 600 s")
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.venv_timeout = 12, min(a.venv_timeout, 600.0)
     if a.steps < 2:
         p.error("--steps must be >= 2")
+    try:
+        a.staleness = sorted({int(x) for x in a.staleness.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--staleness: comma-separated integers expected, got {a.staleness!r}")
+    if a.staleness and 1 not in a.staleness:
+        a.staleness = sorted({1, *a.staleness})  # the demo run is the reference
     return a
 
 
@@ -157,29 +168,38 @@ def build_model(work: Path) -> Path:
     return prepare_model(StackConfig(run_dir=str(work)), work)
 
 
-def run_ours(work: Path, model: Path, steps: int) -> dict[str, Any]:
-    run_dir = work / "loraloop"
+def run_ours(work: Path, model: Path, steps: int, staleness: int | None = None) -> dict[str, Any]:
+    """`loraloop up` on the demo (with `staleness`: its max_staleness instead of the demo's 1)."""
+    name = "loraloop" if staleness is None else f"loraloop-staleness{staleness}"
+    run_dir = work / name
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     cmd = [sys.executable, "-m", "services.cli", "up", f"--run_dir={run_dir}", f"--model={model}",
            f"--learner.steps={steps}", "--plot=False", "--learner.checkpoint.resume=never"]
+    if staleness is not None:
+        cmd.append(f"--learner.algo.max_staleness={staleness}")
     print(f"ours: {' '.join(cmd[2:])}", flush=True)
     t0 = time.monotonic()
-    log = (work / "loraloop-up.log").open("w")
+    log = (work / f"{name}-up.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     mem = PeakTreeMemory(proc.pid)
     rc = proc.wait()
     peak = mem.stop()
     wall = time.monotonic() - t0
     log.close()
-    text = (work / "loraloop-up.log").read_text(errors="replace")
+    text = (work / f"{name}-up.log").read_text(errors="replace")
     if rc != 0:
         raise RuntimeError(f"loraloop up exited {rc}:\n{text[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     first = next((line for line in text.splitlines() if "first step" in line), "")
     out = figures(rows, "reward/mean", "time")
     out.update(peak_tree_rss_mb=peak, wall_s=wall, first_step_line=first.split("\r")[-1].strip(),
-               update_s_median=statistics.median(r["timing_s/update"] for r in rows))
+               update_s_median=statistics.median(r["timing_s/update"] for r in rows),
+               wait_rollout_s_median=statistics.median(r["timing_s/wait_rollout"] for r in rows),
+               learner_busy_s_median=statistics.median(r["timing_s/step"] - r["timing_s/wait_rollout"] for r in rows),
+               # groups consumed between the first and the last step's rows, 8 samples each
+               trajectories_per_s=(rows[-1]["leases/consumed"] - rows[0]["leases/consumed"]) * SAMPLES
+               / max(out["train_s"], 1e-9))
     return {"rows": rows, **out}
 
 
@@ -250,6 +270,70 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def staleness_study(work: Path, model: Path, steps: int, etas: list[int], demo: dict[str, Any]) -> dict[str, Any]:
+    """The demo at each max_staleness in `etas` (1 is the demo run itself). Generation alone
+    and training alone come from the synchronous run (eta 0), where the learner waits out each
+    whole batch: generation = its median wait (hot-load included), training = the rest of its
+    step. Overlap efficiency = s/step / max(generation alone, training alone): 1.0 is perfect
+    overlap. Reward is compared at equal wall time: the 20-step moving mean when the shortest
+    run ended."""
+    runs = {eta: demo if eta == 1 else run_ours(work, model, steps, staleness=eta) for eta in etas}
+    out: dict[str, Any] = {"runs": {}}
+    sync = runs.get(0)
+    gen = sync["wait_rollout_s_median"] if sync else None
+    train = sync["learner_busy_s_median"] if sync else None
+    t_equal = min(r["train_s"] for r in runs.values())
+    for eta, r in runs.items():
+        rows = sorted(r["rows"], key=lambda x: x["step"])
+        upto = [x for x in rows if x["time"] - rows[0]["time"] <= t_equal][-20:]
+        out["runs"][eta] = {"s_per_step": r["s_per_step"], "trajectories_per_s": r["trajectories_per_s"],
+                            "reward_at_equal_time": statistics.fmean(x["reward/mean"] for x in upto),
+                            "reward_last5": r["reward_last5"],
+                            "overlap_efficiency": r["s_per_step"] / max(gen, train) if gen and train else None}
+    out.update(generation_alone_s=gen, training_alone_s=train, equal_time_s=t_equal)
+    return out
+
+
+def staleness_report(st: dict[str, Any]) -> str:
+    lines = [f"async vs sync (max_staleness): generation alone {st['generation_alone_s'] or 0:.3f} s, training alone "
+             f"{st['training_alone_s'] or 0:.3f} s per batch (from the synchronous run); reward at "
+             f"{st['equal_time_s']:.0f} s of training",
+             f"{'max_staleness':>14s}{'s/step':>9s}{'traj/s':>9s}{'reward@t':>10s}{'last 5':>8s}{'overlap eff.':>14s}"]
+    for eta, r in sorted(st["runs"].items()):
+        eff = r["overlap_efficiency"]
+        lines.append(f"{eta:>14d}{r['s_per_step']:>9.3f}{r['trajectories_per_s']:>9.0f}{r['reward_at_equal_time']:>10.3f}"
+                     f"{r['reward_last5']:>8.3f}{(f'{eff:.2f}' if eff else '-'):>14s}")
+    lines.append("overlap efficiency goal: <= 1.1 at max_staleness 1")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> Path:
+    """Reward (20-step moving mean) against seconds of training, both sides on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, label in (("loraloop", "loraloop (loraloop up)"), ("trl", "TRL GRPOTrainer")):
+        pts = res["curves"].get(side) or []
+        if len(pts) < 20:
+            continue
+        xs = [p[0] for p in pts][19:]
+        ys = [statistics.fmean(p[1] for p in pts[k - 19:k + 1]) for k in range(19, len(pts))]
+        ax.plot(xs, ys, label=label)
+    ax.axhline(res["comparison"]["target"], color="grey", linestyle=":", label="target")
+    ax.set_xlabel("seconds since the first step")
+    ax.set_ylabel("batch reward, 20-step moving mean")
+    ax.set_title(f"tiny arithmetic demo, {res['steps']} steps, {res['cores']} cores")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     work = a.work_dir.resolve()
@@ -265,5 +349,11 @@ def main(argv: list[str]) -> int:
            "comparison": compare(ours, peer, a.target_gain)}
     res["curves"] = {"loraloop": [[r["time"] - ours["rows"][0]["time"], r["reward/mean"]] for r in ours["rows"]],
                      "trl": [[r["time"] - peer["rows"][0]["time"], r["reward_mean"]] for r in peer.get("rows", [])]}
-    emit(report(res), res, a.out)
+    text = report(res)
+    if a.staleness:
+        res["staleness"] = staleness_study(work, model, a.staleness_steps or a.steps, a.staleness, ours)
+        text += "\n\n" + staleness_report(res["staleness"])
+    if a.plot:
+        text += f"\n\nplot: {plot(res, a.plot)}"
+    emit(text, res, a.out)
     return 0

@@ -84,3 +84,36 @@ def test_arguments() -> None:
     out = subprocess.run([sys.executable, "-m", "services.cli", "bench", "peers", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--target-gain" in out.stdout and "TRL" in out.stdout
+
+
+def _run(s_per_step: float, steps: int, wait: float, busy: float, gain_at: int) -> dict:
+    rows = _rows([0.2] * gain_at + [0.6] * (steps - gain_at), dt=s_per_step)
+    for k, r in enumerate(rows):
+        r["leases/consumed"] = 32 * (k + 1)
+    f = peers.figures(rows, "reward/mean", "time")
+    return {"rows": rows, **f, "wait_rollout_s_median": wait, "learner_busy_s_median": busy,
+            "trajectories_per_s": 32 * 8 / s_per_step}
+
+
+def test_staleness_study_overlap_efficiency_and_reward_at_equal_time(monkeypatch, tmp_path) -> None:
+    runs = {0: _run(0.4, 100, wait=0.25, busy=0.15, gain_at=50), 2: _run(0.26, 100, wait=0.0, busy=0.15, gain_at=50)}
+    monkeypatch.setattr(peers, "run_ours", lambda work, model, steps, staleness=None: runs[staleness])
+    demo = _run(0.25, 100, wait=0.05, busy=0.2, gain_at=50)
+    st = peers.staleness_study(tmp_path, tmp_path, 100, [0, 1, 2], demo)
+    assert st["generation_alone_s"] == 0.25 and st["training_alone_s"] == 0.15  # from the synchronous run
+    assert st["runs"][1]["overlap_efficiency"] == pytest.approx(1.0)  # 0.25 / max(0.25, 0.15)
+    assert st["runs"][0]["overlap_efficiency"] == pytest.approx(1.6)
+    assert st["equal_time_s"] == pytest.approx(99 * 0.25)  # the shortest run
+    # at 24.75 s the synchronous run is at step 62 (0.6 since step 51): 12 of its last 20 at 0.6
+    assert st["runs"][0]["reward_at_equal_time"] == pytest.approx((8 * 0.2 + 12 * 0.6) / 20)
+    assert st["runs"][1]["reward_at_equal_time"] == pytest.approx(0.6)
+    text = peers.staleness_report(st)
+    assert "1.60" in text and "<= 1.1" in text
+
+
+def test_plot_writes_a_png(tmp_path) -> None:
+    res = {"curves": {"loraloop": [[k * 0.25, 0.2 + k / 200] for k in range(60)],
+                      "trl": [[k * 0.1, 0.2 + k / 150] for k in range(60)]},
+           "comparison": {"target": 0.5}, "steps": 60, "cores": 2}
+    p = peers.plot(res, tmp_path / "r.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
