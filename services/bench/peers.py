@@ -28,13 +28,53 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.bench import emit, read_lines
 
-GOALS = {"s_per_step": "<= 1.0x", "time_to_target_s": "<= 1.0x"}
-SAMPLES = 8  # the demo's samples per group
+SAMPLES = 8  # samples per group, both workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One job, as each side is told it. `micro` is both sides' micro-batch (rows per
+    forward/backward)."""
+
+    shape: str
+    groups: int
+    max_tokens: int
+    ignore_eos: bool
+    reward: str  # ours (services/rollout/rewards.py)
+    peer_reward: str  # trl_peer.py --reward
+    micro: int
+    goals: dict[str, str]
+
+    def ours_args(self) -> list[str]:
+        if self.shape == "tiny":
+            return []  # the demo as `loraloop up` runs it
+        return [f"--learner.data.groups_per_step={self.groups}", f"--learner.data.max_tokens={self.max_tokens}",
+                f"--learner.data.ignore_eos={str(self.ignore_eos).lower()}", f"--learner.data.reward_fn={self.reward}",
+                f"--learner.algo.micro_batch_size={self.micro}",
+                # a lease of 8 groups x 8 x 128 tokens takes the engine tens of seconds here
+                "--learner.data.lease_deadline_s=600"]
+
+    def peer_args(self) -> list[str]:
+        return ["--prompts-per-step", str(self.groups), "--max-new-tokens", str(self.max_tokens),
+                "--min-new-tokens", str(self.max_tokens if self.ignore_eos else 0), "--reward", self.peer_reward,
+                "--micro-batch", str(self.micro)]
+
+
+WORKLOADS = {
+    # The default demo: 32 prompts x 8 samples x 3 tokens on the 0.3 M model.
+    "tiny": Workload("tiny", 32, 3, False, "arithmetic", "exact", 256,
+                     {"s_per_step": "<= 1.0x", "time_to_target_s": "<= 1.0x"}),
+    # Generation-heavy: the 25m shape, 16 prompts x 8 samples x 128 tokens, every response full
+    # length (ours: vLLM's ignore_eos; TRL: min_new_tokens), reward on the answer's position.
+    "heavy": Workload("25m", 16, 128, True, "arithmetic_prefix", "prefix", 32,
+                      {"s_per_step": "<= 0.5x", "time_to_target_s": "<= 0.5x"}),
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,6 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "on the tiny arithmetic demo: s/step, time to a reward target, final reward, peak memory, "
                     "one side after the other in this invocation.")
     p.add_argument("--out", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny",
+                   help="tiny: the default demo (0.3 M model, 32x8 samples, 3 tokens); heavy: the 25m shape, "
+                        "16x8 samples of 128 tokens each (generation-heavy)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-peers"),
                    help="model, run dirs and the peer's output go here")
     p.add_argument("--steps", type=int, default=700, help="training steps on each side (the demo's 700)")
@@ -160,22 +203,38 @@ def ratio(ours: Any, peer: Any) -> float | None:
 # ------------------------------------------------------------------ the two sides
 
 
-def build_model(work: Path) -> Path:
-    """The demo's model, built and warm-started as `loraloop up` does (once per work dir)."""
+def build_model(work: Path, shape: str = "tiny") -> Path:
+    """The demo's model, built and warm-started as `loraloop up` does (once per work dir);
+    another shape the same way under model-<shape>/."""
     from services.stack import prepare_model
     from services.stack_config import StackConfig
 
-    return prepare_model(StackConfig(run_dir=str(work)), work)
+    if shape == "tiny":
+        return prepare_model(StackConfig(run_dir=str(work)), work)
+    from services.common.tiny_model import make_tiny_model
+    from services.common.warm_start import warm_start
+
+    model = work / f"model-{shape}"
+    if not (model / "warm_start.json").is_file():
+        print(f"building and warm-starting the {shape} model in {model} ...", flush=True)
+        make_tiny_model(model, seed=0, shape=shape)
+        summary = warm_start(model, target=0.15, seed=0)
+        print(f"  {summary['steps']} steps, sampled exact match {summary['sampled_exact_match']:.2f}", flush=True)
+        (model / "warm_start.json").write_text(json.dumps(summary))
+    return model
 
 
-def run_ours(work: Path, model: Path, steps: int, staleness: int | None = None) -> dict[str, Any]:
-    """`loraloop up` on the demo (with `staleness`: its max_staleness instead of the demo's 1)."""
-    name = "loraloop" if staleness is None else f"loraloop-staleness{staleness}"
+def run_ours(work: Path, model: Path, steps: int, staleness: int | None = None,
+             workload: Workload = WORKLOADS["tiny"]) -> dict[str, Any]:
+    """`loraloop up` on the workload (with `staleness`: its max_staleness instead of the demo's 1)."""
+    name = ("loraloop" if workload.shape == "tiny" else f"loraloop-{workload.shape}") + \
+        ("" if staleness is None else f"-staleness{staleness}")
     run_dir = work / name
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     cmd = [sys.executable, "-m", "services.cli", "up", f"--run_dir={run_dir}", f"--model={model}",
            f"--learner.steps={steps}", "--plot=False", "--learner.checkpoint.resume=never"]
+    cmd += workload.ours_args()
     if staleness is not None:
         cmd.append(f"--learner.algo.max_staleness={staleness}")
     print(f"ours: {' '.join(cmd[2:])}", flush=True)
@@ -204,7 +263,7 @@ def run_ours(work: Path, model: Path, steps: int, staleness: int | None = None) 
 
 
 def run_peer(work: Path, model: Path, steps: int, threads: int, venv: Path | None,
-             venv_timeout: float) -> dict[str, Any]:
+             venv_timeout: float, workload: Workload = WORKLOADS["tiny"]) -> dict[str, Any]:
     from services.bench import peer_env
 
     try:
@@ -216,8 +275,8 @@ def run_peer(work: Path, model: Path, steps: int, threads: int, venv: Path | Non
           flush=True)
     t0 = time.monotonic()
     holder: dict[str, PeakTreeMemory] = {}
-    rows = peer_env.run_trl(python, model, prompts, work / "trl.jsonl", steps, threads,
-                            on_start=lambda pid: holder.setdefault("mem", PeakTreeMemory(pid)))
+    rows = peer_env.run_trl(python, model, prompts, work / f"trl-{workload.shape}.jsonl", steps, threads,
+                            extra_args=workload.peer_args(), on_start=lambda pid: holder.setdefault("mem", PeakTreeMemory(pid)))
     peak = holder["mem"].stop() if "mem" in holder else None
     steps_rows = [r for r in rows if not r.get("summary")]
     summary = rows[-1]
@@ -246,7 +305,8 @@ def compare(ours: dict[str, Any], peer: dict[str, Any], target_gain: float) -> d
 def report(res: dict[str, Any]) -> str:
     t = res["comparison"]["table"]
     ours, peer = t.get("loraloop", {}), t.get("trl", {})
-    lines = [f"loraloop vs TRL, tiny arithmetic demo, {res['steps']} steps per side; reward target "
+    goals = res.get("goals", WORKLOADS["tiny"].goals)
+    lines = [f"loraloop vs TRL, {res.get('workload_text', 'tiny arithmetic demo')}, {res['steps']} steps per side; reward target "
              f"{res['comparison']['target']:.3f} (20-step moving mean)",
              f"{'':24s}{'loraloop':>12s}{'TRL':>12s}{'ours/TRL':>10s}  goal"]
 
@@ -259,7 +319,7 @@ def report(res: dict[str, Any]) -> str:
                              ("peak_tree_rss_mb", "peak memory, tree (MB)", ".0f")):
         r = ratio(ours.get(key), peer.get(key))
         lines.append(f"{label:24s}{fmt(ours.get(key), spec):>12s}{fmt(peer.get(key), spec):>12s}"
-                     f"{fmt(r, '.2f'):>10s}  {GOALS.get(key, '')}")
+                     f"{fmt(r, '.2f'):>10s}  {goals.get(key, '')}")
     o = res["loraloop"]
     lines.append(f"ours: {o.get('first_step_line', '')}; learner update median {o['update_s_median']:.3f} s")
     if "skipped" in res["trl"]:
@@ -270,14 +330,15 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def staleness_study(work: Path, model: Path, steps: int, etas: list[int], demo: dict[str, Any]) -> dict[str, Any]:
+def staleness_study(work: Path, model: Path, steps: int, etas: list[int], demo: dict[str, Any],
+                    workload: Workload = WORKLOADS["tiny"]) -> dict[str, Any]:
     """The demo at each max_staleness in `etas` (1 is the demo run itself). Generation alone
     and training alone come from the synchronous run (eta 0), where the learner waits out each
     whole batch: generation = its median wait (hot-load included), training = the rest of its
     step. Overlap efficiency = s/step / max(generation alone, training alone): 1.0 is perfect
     overlap. Reward is compared at equal wall time: the 20-step moving mean when the shortest
     run ended."""
-    runs = {eta: demo if eta == 1 else run_ours(work, model, steps, staleness=eta) for eta in etas}
+    runs = {eta: demo if eta == 1 else run_ours(work, model, steps, staleness=eta, workload=workload) for eta in etas}
     out: dict[str, Any] = {"runs": {}}
     sync = runs.get(0)
     gen = sync["wait_rollout_s_median"] if sync else None
@@ -325,7 +386,7 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     ax.axhline(res["comparison"]["target"], color="grey", linestyle=":", label="target")
     ax.set_xlabel("seconds since the first step")
     ax.set_ylabel("batch reward, 20-step moving mean")
-    ax.set_title(f"tiny arithmetic demo, {res['steps']} steps, {res['cores']} cores")
+    ax.set_title(f"{res.get('workload_text', 'tiny arithmetic demo')}, {res['cores']} cores", fontsize=9)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,11 +400,15 @@ def main(argv: list[str]) -> int:
     work = a.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"building the demo model in {work} (once) ...", flush=True)
-    model = build_model(work)
-    ours = run_ours(work, model, a.steps)
+    w = WORKLOADS[a.workload]
+    model = build_model(work, w.shape)
+    ours = run_ours(work, model, a.steps, workload=w)
     peer = {"skipped": "--skip-peer"} if a.skip_peer else run_peer(work, model, a.steps, a.peer_threads, a.venv,
-                                                                    a.venv_timeout)
+                                                                    a.venv_timeout, w)
     res = {"steps": a.steps, "cores": len(os.sched_getaffinity(0)), "peer_threads": a.peer_threads,
+           "workload": a.workload, "workload_spec": w.__dict__, "goals": w.goals,
+           "workload_text": (f"{w.shape} model, {w.groups} prompts x {SAMPLES} samples x {w.max_tokens} tokens"
+                             + (" (full length)" if w.ignore_eos else "")),
            "loraloop": {k: v for k, v in ours.items() if k != "rows"},
            "trl": {k: v for k, v in peer.items() if k != "rows"},
            "comparison": compare(ours, peer, a.target_gain)}
@@ -351,7 +416,7 @@ def main(argv: list[str]) -> int:
                      "trl": [[r["time"] - peer["rows"][0]["time"], r["reward_mean"]] for r in peer.get("rows", [])]}
     text = report(res)
     if a.staleness:
-        res["staleness"] = staleness_study(work, model, a.staleness_steps or a.steps, a.staleness, ours)
+        res["staleness"] = staleness_study(work, model, a.staleness_steps or a.steps, a.staleness, ours, w)
         text += "\n\n" + staleness_report(res["staleness"])
     if a.plot:
         text += f"\n\nplot: {plot(res, a.plot)}"

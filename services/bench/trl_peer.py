@@ -65,6 +65,24 @@ def arithmetic_exact(data_source: str, solution_str: str, ground_truth: str,
     return 1.0 if text == ground_truth.strip() else 0.0
 
 
+def arithmetic_prefix(data_source: str, solution_str: str, ground_truth: str,
+                      extra_info: dict[str, Any] | None = None) -> float:
+    """A copy of services/rollout/rewards.py `arithmetic_prefix` (the generation-heavy
+    workload): 1.0 iff the generation, stripped of `<pad>`/`<bos>`/whitespace at its start,
+    begins with the ground truth."""
+    text = solution_str
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.lstrip()
+        for tok in _SPECIAL_TOKENS:
+            text = text.removeprefix(tok)
+    return 1.0 if text.startswith(ground_truth.strip()) else 0.0
+
+
+REWARDS = {"exact": arithmetic_exact, "prefix": arithmetic_prefix}
+
+
 # ------------------------------------------------------------------ arguments
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,6 +111,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "loraloop's micro_batch_size); capped at the step's batch")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--reward", choices=sorted(REWARDS), default="exact",
+                   help="exact: loraloop's `arithmetic` (default); prefix: its `arithmetic_prefix` (long responses)")
     a = p.parse_args(argv)
     for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank", "micro_batch", "threads"):
         if getattr(a, name) < 1:
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     step_rewards: list[float] = []
 
     def reward(completions: list[str], ground_truth: list[str], **_: Any) -> list[float]:
-        scores = [arithmetic_exact("arithmetic", c, g) for c, g in zip(completions, ground_truth, strict=True)]
+        scores = [REWARDS[args.reward]("arithmetic", c, g) for c, g in zip(completions, ground_truth, strict=True)]
         step_rewards.append(sum(scores) / len(scores))
         return scores
 

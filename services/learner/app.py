@@ -95,7 +95,7 @@ class Coordinator:
             self.run_id = state["run_id"]
         self.changed = threading.Event()
         sampling = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
-                                      n=d.samples_per_group, logprobs=True)
+                                      n=d.samples_per_group, logprobs=True, ignore_eos=d.ignore_eos)
         self.servicer = LearnerServicer(self.table, sampling, d.reward_fn, on_change=self.changed.set)
         self.service = ServerThread([Registration(pb_grpc.add_LearnerServicer_to_server, self.servicer, SERVICE)],
                                     cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, name="learner-grpc")

@@ -122,8 +122,11 @@ class DataConfig(Section):
     """Sampling temperature (the learner divides its logits by it too)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling."""
+    ignore_eos: bool = False
+    """Generate every response to max_tokens, past end-of-sequence (vLLM's ignore_eos): for
+    benchmarks with fixed-length responses."""
     reward_fn: str = "arithmetic"
-    """Reward function: built-in name (arithmetic, gsm8k, math) or module:function."""
+    """Reward function: built-in name (arithmetic, arithmetic_prefix, gsm8k, math) or module:function."""
     lease_deadline_s: float = Field(60.0, gt=0)
     """A leased group not returned by then is leased again."""
 

@@ -107,6 +107,22 @@ def arithmetic_exact(data_source: str, solution_str: str, ground_truth: str,
     return 1.0 if text == ground_truth.strip() else 0.0
 
 
+def arithmetic_prefix(data_source: str, solution_str: str, ground_truth: str,
+                      extra_info: dict[str, Any] | None = None) -> float:
+    """The tiny task for long responses (`bench peers --workload heavy`: every response is
+    generated to full length, ignoring end-of-sequence): 1.0 iff the generation, stripped of
+    `<pad>`/`<bos>`/whitespace at its start, begins with the ground truth; what follows is
+    not scored."""
+    text = solution_str
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.lstrip()
+        for tok in _SPECIAL_TOKENS:
+            text = text.removeprefix(tok)
+    return 1.0 if text.startswith(ground_truth.strip()) else 0.0
+
+
 # verl's strict GSM8K format (verl/utils/reward_score/gsm8k.py), plus an optional `$`.
 _GSM8K_ANSWER = re.compile(r"#### \$?(-?[0-9.,]*[0-9])")
 
@@ -202,11 +218,12 @@ def _math_number(s: str) -> Fraction | None:
     return sign * Fraction(num) / Fraction(den)
 
 
-BUILTINS: dict[str, RewardFn] = {"arithmetic": arithmetic_exact, "gsm8k": gsm8k, "math": math_answer}
+BUILTINS: dict[str, RewardFn] = {"arithmetic": arithmetic_exact, "arithmetic_prefix": arithmetic_prefix,
+                                 "gsm8k": gsm8k, "math": math_answer}
 
 
 def load_reward_fn(spec: str) -> RewardFn:
-    """A built-in name (`arithmetic`, `gsm8k`, `math`) or `package.module:function`.
+    """A built-in name (`arithmetic`, `arithmetic_prefix`, `gsm8k`, `math`) or `package.module:function`.
 
     Only dotted module names are accepted, not file paths. Raises ValueError naming what is
     wrong: unknown built-in (with the valid names), module not importable, attribute missing,

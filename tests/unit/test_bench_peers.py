@@ -97,7 +97,7 @@ def _run(s_per_step: float, steps: int, wait: float, busy: float, gain_at: int) 
 
 def test_staleness_study_overlap_efficiency_and_reward_at_equal_time(monkeypatch, tmp_path) -> None:
     runs = {0: _run(0.4, 100, wait=0.25, busy=0.15, gain_at=50), 2: _run(0.26, 100, wait=0.0, busy=0.15, gain_at=50)}
-    monkeypatch.setattr(peers, "run_ours", lambda work, model, steps, staleness=None: runs[staleness])
+    monkeypatch.setattr(peers, "run_ours", lambda work, model, steps, staleness=None, workload=None: runs[staleness])
     demo = _run(0.25, 100, wait=0.05, busy=0.2, gain_at=50)
     st = peers.staleness_study(tmp_path, tmp_path, 100, [0, 1, 2], demo)
     assert st["generation_alone_s"] == 0.25 and st["training_alone_s"] == 0.15  # from the synchronous run

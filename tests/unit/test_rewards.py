@@ -233,7 +233,16 @@ def test_load_builtins():
     assert load_reward_fn("arithmetic") is arithmetic_exact
     assert load_reward_fn("gsm8k") is gsm8k
     assert load_reward_fn(" math ") is math_answer
-    assert set(BUILTINS) == {"arithmetic", "gsm8k", "math"}
+    assert set(BUILTINS) == {"arithmetic", "arithmetic_prefix", "gsm8k", "math"}
+
+
+def test_arithmetic_prefix_scores_the_answer_where_a_full_length_response_starts():
+    f = load_reward_fn("arithmetic_prefix")
+    assert f("arithmetic", "11<eos>7+2=09", "11") == 1.0
+    assert f("arithmetic", "<bos> 11 3+", "11") == 1.0
+    assert f("arithmetic", "1", "11") == 0.0
+    assert f("arithmetic", "x11", "11") == 0.0
+    assert f("arithmetic", "05", "05") == 1.0 and f("arithmetic", "5", "05") == 0.0
 
 
 def test_load_module_function():

@@ -185,3 +185,13 @@ def test_run_trl_reads_rows_pins_cpus_and_prints_every_tenth_step(
     with pytest.raises(RuntimeError, match="no summary row"):
         peer_env.run_trl(Path(sys.executable), tmp_path / "model", tmp_path / "p.jsonl", tmp_path / "o.jsonl",
                          steps=2, threads=1, extra_args=["--samples", "0"], timeout_s=60)
+
+
+def test_prefix_reward_agrees_with_loraloops(peer: ModuleType) -> None:
+    from services.rollout.rewards import arithmetic_prefix
+
+    mod = peer
+    for text, truth in [("11<eos>7+2=09", "11"), ("<bos> 11 3+", "11"), ("1", "11"), ("x11", "11"),
+                        ("05", "05"), ("5", "05"), ("", "00"), ("<pad>0912", "09")]:
+        assert mod.arithmetic_prefix("arithmetic", text, truth) == arithmetic_prefix("arithmetic", text, truth), text
+    assert mod.parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--reward", "prefix"]).reward == "prefix"
