@@ -103,10 +103,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run ours at these max_staleness values, e.g. 0,1,2 (1 is the demo run): async vs sync")
     p.add_argument("--staleness-steps", type=int, default=0, help="steps of those extra runs (default --steps)")
     p.add_argument("--plot", type=Path, help="write reward against wall-clock time, both sides, to this PNG")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 12 steps per side, venv build <= 600 s")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 12 steps per side, venv build <= 300 s")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.venv_timeout = 12, min(a.venv_timeout, 600.0)
+        a.steps, a.venv_timeout = 12, min(a.venv_timeout, 300.0)
     if a.steps < 2:
         p.error("--steps must be >= 2")
     try:

@@ -78,7 +78,7 @@ def test_tree_memory_counts_children() -> None:
 
 def test_arguments() -> None:
     a = peers.parse_args(["--quick"])
-    assert a.steps == 12 and a.venv_timeout <= 600
+    assert a.steps == 12 and a.venv_timeout <= 300
     with pytest.raises(SystemExit):
         peers.parse_args(["--steps", "1"])
     out = subprocess.run([sys.executable, "-m", "services.cli", "bench", "peers", "--help"], capture_output=True,
