@@ -1,6 +1,6 @@
 """`loraloop bench peers`: its figures from per-step rows, the shared reward target, the
 process-tree memory sampler and its arguments (the whole bench runs in
-tests/e2e/test_bench_peers.py)."""
+tests/e2e/test_peers_smoke.py)."""
 
 from __future__ import annotations
 
