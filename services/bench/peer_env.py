@@ -64,14 +64,12 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _run(cmd: Sequence[str], timeout_s: float, label: str) -> str:
-    """Run `cmd` to completion, print its notable lines as they come (pip's `Collecting`,
-    `Installing`, `Successfully`), and return its whole output. Raises RuntimeError with
-    the output's tail on a non-zero exit or when `timeout_s` passes (the process is killed)."""
+def _follow(proc: subprocess.Popen, timeout_s: float, what: str, shown: Callable[[str], bool]) -> list[str]:
+    """Read `proc`'s output to its end, print the lines `shown` picks as they come, and
+    return every line. Raises RuntimeError with the output's tail on a non-zero exit or
+    when `timeout_s` passes (its process group is killed)."""
     tail: collections.deque[str] = collections.deque(maxlen=40)
     lines: list[str] = []
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
 
     def read() -> None:
         assert proc.stdout is not None
@@ -79,8 +77,8 @@ def _run(cmd: Sequence[str], timeout_s: float, label: str) -> str:
             line = line.rstrip()
             lines.append(line)
             tail.append(line)
-            if line.startswith(("Collecting", "Installing", "Successfully", "Found existing", "ERROR")):
-                print(f"  [{label}] {line}", flush=True)
+            if shown(line):
+                print(f"  {line}", flush=True)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -89,12 +87,22 @@ def _run(cmd: Sequence[str], timeout_s: float, label: str) -> str:
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         reader.join(5)
-        raise RuntimeError(f"{label} did not finish within {timeout_s:.0f} s; last output:\n"
+        raise RuntimeError(f"{what} did not finish within {timeout_s:.0f} s; last output:\n"
                            + "\n".join(tail)) from None
     reader.join(5)
     if rc != 0:
-        raise RuntimeError(f"{label} failed (exit {rc}): {' '.join(cmd)}\nlast output:\n" + "\n".join(tail))
-    return "\n".join(lines)
+        raise RuntimeError(f"{what} failed (exit {rc}): {' '.join(map(str, proc.args))}\nlast output:\n"
+                           + "\n".join(tail))
+    return lines
+
+
+def _run(cmd: Sequence[str], timeout_s: float, label: str) -> str:
+    """Run `cmd` to completion, print its notable lines as they come (pip's `Collecting`,
+    `Installing`, `Successfully`), and return its whole output (errors: `_follow`)."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    notable = ("Collecting", "Installing", "Successfully", "Found existing", "ERROR")
+    return "\n".join(_follow(proc, timeout_s, label, lambda line: line.startswith(notable)))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -213,39 +221,22 @@ def run_trl(venv_python: Path, model_dir: Path, prompts: Path, out: Path, steps:
     cmd = [str(venv_python), str(SCRIPT), "--model", str(model_dir), "--prompts", str(prompts),
            "--out", str(out), "--steps", str(steps), "--threads", str(threads), *extra_args]
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=peer_env(threads), preexec_fn=pin, start_new_session=True)
     if on_start is not None:
         on_start(proc.pid)
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            # The script prints `trl-peer step N/M ...` after every step; show every 10th.
-            parts = line.split()
-            if line.startswith("trl-peer step") and len(parts) > 2:
-                n, _, total = parts[2].partition("/")
-                if n.isdigit() and (int(n) % 10 == 0 or n == total):
-                    print(f"  {line}", flush=True)
-            elif line.startswith("trl-peer"):
-                print(f"  {line}", flush=True)
+    def shown(line: str) -> bool:
+        """The script prints `trl-peer step N/M ...` after every step: every 10th is shown."""
+        parts = line.split()
+        if line.startswith("trl-peer step") and len(parts) > 2:
+            n, _, total = parts[2].partition("/")
+            return n.isdigit() and (int(n) % 10 == 0 or n == total)
+        return line.startswith("trl-peer")
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        reader.join(5)
-        raise RuntimeError(f"the TRL peer did not finish {steps} steps within {timeout_s:.0f} s; last output:\n"
-                           + "\n".join(tail)) from None
-    reader.join(5)
-    if rc != 0:
-        raise RuntimeError(f"the TRL peer failed (exit {rc}): {' '.join(cmd)}\nlast output:\n" + "\n".join(tail))
+    lines = _follow(proc, timeout_s, f"the TRL peer ({steps} steps)", shown)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if not rows or not rows[-1].get("summary"):
-        raise RuntimeError(f"the TRL peer exited 0 but {out} has no summary row; last output:\n" + "\n".join(tail))
+        raise RuntimeError(f"the TRL peer exited 0 but {out} has no summary row; last output:\n"
+                           + "\n".join(lines[-40:]))
     return rows
