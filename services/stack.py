@@ -294,21 +294,23 @@ class _MetricsTail:
         return [json.loads(line) for line in complete.splitlines()]
 
 
-def engine_start_s(log_path: Path) -> float | None:
-    """The rollout engine's own start time, as its replica logged it (None before that)."""
+def replica_start(log_path: Path) -> tuple[float, float] | None:
+    """(seconds from the replica's process start to its engine being ready, seconds of that in
+    vLLM's engine start), as the replica logged them; None before that."""
     import re
 
     try:
-        m = re.search(r"engine started for .* in ([0-9.]+) s", log_path.read_text(errors="replace"))
+        m = re.search(r"engine ready ([0-9.]+) s after the process started \(vLLM engine ([0-9.]+) s\)",
+                      log_path.read_text(errors="replace"))
     except OSError:
         return None
-    return float(m.group(1)) if m else None
+    return (float(m.group(1)), float(m.group(2))) if m else None
 
 
 def follow_progress(st: Stack, t0: float | None = None) -> None:
     """A progress bar per run from its learner's metrics; replaces dead rollout replicas;
     returns when every learner has finished. With `t0` (the command's start, monotonic), the
-    time to the first step is printed beside the rollout engine's own start."""
+    time to the first step is printed beside the rollout replica's own start."""
     from tqdm import tqdm
 
     several = len(st.runs) > 1
@@ -322,9 +324,10 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
                 bar = bars[r.proc]
                 for row in tails[r.proc].rows():
                     if t0 is not None and not any(done.values()):
-                        eng = engine_start_s(st.sup.log_dir / "rollout-0.log")
+                        rs = replica_start(st.sup.log_dir / "rollout-0.log")
                         tqdm.write(f"first step {time.monotonic() - t0:.1f} s after the command"
-                                   + (f" (rollout engine start {eng:.1f} s)" if eng is not None else ""))
+                                   + (f" (rollout-0: engine ready {rs[0]:.1f} s after its process started, "
+                                      f"vLLM's engine start {rs[1]:.1f} s of it)" if rs else ""))
                     bar.n = done[r.proc] = row["step"]
                     bar.set_postfix({"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
                                      "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",

@@ -27,6 +27,17 @@ from services.rollout.service import ROLES_OF_METHOD, SERVICE, RolloutServicer
 log = logging.getLogger(__name__)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the replica's start
+    includes importing vLLM, which takes ~10 s before its engine starts."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
     token = os.environ.get(cfg.token_env)
     broker = BrokerClient(cfg.broker, token)
@@ -36,6 +47,9 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
     follower = Follower(broker, asyncio.get_running_loop())
     try:
         await engine.start()
+        age = process_age_s()
+        if age is not None:
+            log.info("engine ready %.1f s after the process started (vLLM engine %.1f s)", age, engine.start_s)
         base = BaseModel.from_dir(cfg.engine.model, cfg.engine.max_lora_rank)
         cache = Path(cfg.adapters.dir) if cfg.adapters.dir else default_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)

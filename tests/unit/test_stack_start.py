@@ -1,0 +1,29 @@
+"""`loraloop up`'s start report: the replica's own start as it logs it, and its process age."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from services.rollout.app import process_age_s
+from services.stack import replica_start
+
+
+def test_replica_start_reads_what_the_replica_logged(tmp_path) -> None:
+    log = tmp_path / "rollout-0.log"
+    assert replica_start(log) is None  # not there yet
+    log.write_text("INFO vllm ...\n2026-12-07 05:15:03 INFO rollout services.rollout.app: engine ready 27.4 s "
+                   "after the process started (vLLM engine 18.6 s)\n")
+    assert replica_start(log) == (27.4, 18.6)
+    log.write_text("engine started for /m in 18.6 s\n")
+    assert replica_start(log) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux /proc")
+def test_process_age_grows_with_the_process() -> None:
+    a = process_age_s()
+    time.sleep(0.3)
+    b = process_age_s()
+    assert a is not None and b is not None and 0 <= a < b and b - a == pytest.approx(0.3, abs=0.1)
