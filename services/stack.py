@@ -205,7 +205,9 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     (run_dir / "broker.toml").write_text(to_toml(b.model_dump()))
     sup.start("broker", [*py, "broker", str(run_dir / "broker.toml")], env)
     st.broker = f"127.0.0.1:{b.server.port}"
-    wait_healthy(st.broker, sup, ["broker"], 60)
+    # Learners and replicas start while the broker does (its port is fixed above): a learner
+    # waits for the broker before it publishes, a replica first talks to it after its engine
+    # start (~30 s). Every start then overlaps the longest, the replica's.
     # Learners: one per run (one run: "learner", writing into the run dir itself)
     run_learners = cfg.run_learners()
     configs = []
@@ -258,6 +260,7 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     # longest, and a replica retries its leases until its learner answers.
     for k in range(cfg.rollout_replicas):
         st.start_rollout(k)
+    wait_healthy(st.broker, sup, ["broker"], 60)
     for run in st.runs:
         wait_healthy(run.address, sup, [run.proc], 300)
     return st
