@@ -436,6 +436,26 @@ class FetchResponse(_message.Message):
 Global___FetchResponse: _TypeAlias = FetchResponse  # noqa: Y015
 
 @_typing.final
+class FetchStagedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """The sha256 the publish declared (a STAGED event's record.sha256)."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStagedRequest: _TypeAlias = FetchStagedRequest  # noqa: Y015
+
+@_typing.final
 class PinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -505,16 +525,22 @@ class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    INCLUDE_STAGED_FIELD_NUMBER: _builtins.int
+    include_staged: _builtins.bool
+    """Also announce uploads as they begin on this broker (STAGED events), so a follower can
+    fetch and load the bytes while the commit is made durable (FetchStaged).
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchFrom]: ...
     def __init__(
         self,
         *,
         adapters: _abc.Iterable[Global___WatchFrom] | None = ...,
+        include_staged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "include_staged", b"include_staged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,10 +558,20 @@ class AdapterEvent(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: AdapterEvent._Kind.ValueType  # 0
         PUBLISHED: AdapterEvent._Kind.ValueType  # 1
+        STAGED: AdapterEvent._Kind.ValueType  # 2
+        """An upload under way on this broker, its header and safetensors header checked: not a
+        version (record.version is 0), never to be served; best effort (a follower that misses
+        it loads the version from its PUBLISHED event).
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: AdapterEvent.Kind.ValueType  # 0
     PUBLISHED: AdapterEvent.Kind.ValueType  # 1
+    STAGED: AdapterEvent.Kind.ValueType  # 2
+    """An upload under way on this broker, its header and safetensors header checked: not a
+    version (record.version is 0), never to be served; best effort (a follower that misses
+    it loads the version from its PUBLISHED event).
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int

@@ -64,6 +64,11 @@ class AdapterRegistryStub:
                 request_serializer=loraloop_dot_v1_dot_adapters__pb2.FetchRequest.SerializeToString,
                 response_deserializer=loraloop_dot_v1_dot_adapters__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.FetchStaged = channel.unary_stream(
+                '/loraloop.v1.AdapterRegistry/FetchStaged',
+                request_serializer=loraloop_dot_v1_dot_adapters__pb2.FetchStagedRequest.SerializeToString,
+                response_deserializer=loraloop_dot_v1_dot_adapters__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.Pin = channel.unary_unary(
                 '/loraloop.v1.AdapterRegistry/Pin',
                 request_serializer=loraloop_dot_v1_dot_adapters__pb2.PinRequest.SerializeToString,
@@ -121,6 +126,15 @@ class AdapterRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchStaged(self, request, context):
+        """The bytes of a publish still being uploaded to this broker, as they arrive (rollout role
+        only): the record of the staged upload (version 0), its bytes in the publisher's chunks, then, once the commit is
+        durable, the committed record; an upload that fails ends the stream with its error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Pin(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,6 +185,11 @@ def add_AdapterRegistryServicer_to_server(servicer, server):
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=loraloop_dot_v1_dot_adapters__pb2.FetchRequest.FromString,
+                    response_serializer=loraloop_dot_v1_dot_adapters__pb2.FetchResponse.SerializeToString,
+            ),
+            'FetchStaged': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStaged,
+                    request_deserializer=loraloop_dot_v1_dot_adapters__pb2.FetchStagedRequest.FromString,
                     response_serializer=loraloop_dot_v1_dot_adapters__pb2.FetchResponse.SerializeToString,
             ),
             'Pin': grpc.unary_unary_rpc_method_handler(
@@ -350,6 +369,33 @@ class AdapterRegistry:
             target,
             '/loraloop.v1.AdapterRegistry/Fetch',
             loraloop_dot_v1_dot_adapters__pb2.FetchRequest.SerializeToString,
+            loraloop_dot_v1_dot_adapters__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStaged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraloop.v1.AdapterRegistry/FetchStaged',
+            loraloop_dot_v1_dot_adapters__pb2.FetchStagedRequest.SerializeToString,
             loraloop_dot_v1_dot_adapters__pb2.FetchResponse.FromString,
             options,
             channel_credentials,

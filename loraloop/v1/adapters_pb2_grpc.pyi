@@ -40,6 +40,11 @@ class AdapterRegistryStub:
     ListVersions: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.ListVersionsRequest, _adapters_pb2.ListVersionsResponse]
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]
     Fetch: _grpc.UnaryStreamMultiCallable[_adapters_pb2.FetchRequest, _adapters_pb2.FetchResponse]
+    FetchStaged: _grpc.UnaryStreamMultiCallable[_adapters_pb2.FetchStagedRequest, _adapters_pb2.FetchResponse]
+    """The bytes of a publish still being uploaded to this broker, as they arrive (rollout role
+    only): the record of the staged upload (version 0), its bytes in the publisher's chunks, then, once the commit is
+    durable, the committed record; an upload that fails ends the stream with its error.
+    """
     Pin: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.PinRequest, _adapters_pb2.PinResponse]
     Unpin: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.PinRequest, _adapters_pb2.PinResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_adapters_pb2.WatchRequest, _adapters_pb2.AdapterEvent]
@@ -55,6 +60,11 @@ class AdapterRegistryAsyncStub(AdapterRegistryStub):
     ListVersions: _aio.UnaryUnaryMultiCallable[_adapters_pb2.ListVersionsRequest, _adapters_pb2.ListVersionsResponse]  # type: ignore[assignment]
     ListAdapters: _aio.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]  # type: ignore[assignment]
     Fetch: _aio.UnaryStreamMultiCallable[_adapters_pb2.FetchRequest, _adapters_pb2.FetchResponse]  # type: ignore[assignment]
+    FetchStaged: _aio.UnaryStreamMultiCallable[_adapters_pb2.FetchStagedRequest, _adapters_pb2.FetchResponse]  # type: ignore[assignment]
+    """The bytes of a publish still being uploaded to this broker, as they arrive (rollout role
+    only): the record of the staged upload (version 0), its bytes in the publisher's chunks, then, once the commit is
+    durable, the committed record; an upload that fails ends the stream with its error.
+    """
     Pin: _aio.UnaryUnaryMultiCallable[_adapters_pb2.PinRequest, _adapters_pb2.PinResponse]  # type: ignore[assignment]
     Unpin: _aio.UnaryUnaryMultiCallable[_adapters_pb2.PinRequest, _adapters_pb2.PinResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_adapters_pb2.WatchRequest, _adapters_pb2.AdapterEvent]  # type: ignore[assignment]
@@ -103,6 +113,17 @@ class AdapterRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _adapters_pb2.FetchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_adapters_pb2.FetchResponse], _abc.AsyncIterator[_adapters_pb2.FetchResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchStaged(
+        self,
+        request: _adapters_pb2.FetchStagedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_adapters_pb2.FetchResponse], _abc.AsyncIterator[_adapters_pb2.FetchResponse]]:
+        """The bytes of a publish still being uploaded to this broker, as they arrive (rollout role
+        only): the record of the staged upload (version 0), its bytes in the publisher's chunks, then, once the commit is
+        durable, the committed record; an upload that fails ends the stream with its error.
+        """
 
     @_abc_1.abstractmethod
     def Pin(

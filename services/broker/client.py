@@ -242,6 +242,56 @@ class BrokerClient:
             raise
         return record
 
+    def fetch_staged(self, sha256: str, path: str | Path,
+                     on_bytes: Callable[[AdapterVersion], object] | None = None) -> AdapterVersion:
+        """Stream the bytes of an upload still in progress on the broker (a STAGED watch event's
+        record) into `path` as they arrive, and return the version they were committed as.
+
+        `on_bytes(staged_record)` runs once every byte is written and hashed to `sha256`, while
+        the broker may still be committing. Not retried (best effort: the version's PUBLISHED
+        event is the fallback). NotFound: no such upload in progress there; DataLoss: the bytes
+        end short or hash to something else; the upload's own error if its commit failed. On
+        any failure `path` is removed."""
+        stream = self.stub.FetchStaged(pb.FetchStagedRequest(sha256=sha256), metadata=self._metadata,
+                                       timeout=self.timeout_s + 300)
+        staged: AdapterVersion | None = None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(path, "wb") as f:
+                for msg in stream:
+                    if msg.WhichOneof("part") == "chunk":
+                        if staged is None or size + len(msg.chunk) > staged.size_bytes:
+                            raise DataLoss("staged fetch sent more bytes than its record declares")
+                        f.write(msg.chunk)
+                        digest.update(msg.chunk)
+                        size += len(msg.chunk)
+                        if size == staged.size_bytes:
+                            if digest.hexdigest() != sha256:
+                                raise DataLoss(f"staged bytes hash to {digest.hexdigest()[:12]}…, not {sha256[:12]}…")
+                            f.flush()
+                            if on_bytes is not None:
+                                on_bytes(staged)
+                        continue
+                    record = AdapterVersion.from_pb(msg.record)
+                    if staged is None:
+                        if record.sha256 != sha256:
+                            raise DataLoss(f"asked for the upload of {sha256[:12]}…, got {record.sha256[:12]}…")
+                        staged = record
+                        continue
+                    if size != staged.size_bytes:  # the committed record comes after every byte
+                        raise DataLoss(f"staged upload ended after {size} of {staged.size_bytes} bytes")
+                    if record.sha256 != sha256:
+                        raise DataLoss(f"committed as {record.ref} with sha256 {record.sha256[:12]}…")
+                    return record
+            raise DataLoss("staged fetch ended without the committed record")
+        except grpc.RpcError as e:
+            Path(path).unlink(missing_ok=True)
+            raise error_of(e.code(), e.details()) from None  # type: ignore[attr-defined]
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            stream.cancel()
+            raise
+
     def pin(self, selector: str | AdapterSelector) -> AdapterVersion:
         r = self._call(lambda: self.stub.Pin(pb.PinRequest(ref=_ref(selector)), timeout=self.timeout_s,
                                              metadata=self._metadata))
@@ -252,9 +302,13 @@ class BrokerClient:
                                                metadata=self._metadata))
         return AdapterVersion.from_pb(r.record)
 
-    def watch(self, after: dict[str, int], window_s: float = 600.0) -> WatchStream:
-        """Every version after `after[name]`, in order, each once, reconnecting as needed."""
-        return WatchStream(self, after, window_s)
+    def watch(self, after: dict[str, int], window_s: float = 600.0,
+              on_staged: Callable[[AdapterVersion], object] | None = None) -> WatchStream:
+        """Every version after `after[name]`, in order, each once, reconnecting as needed. With
+        `on_staged`, the broker also announces uploads of those names as they begin, and each
+        one's record (version 0) is passed to `on_staged` from the iterating thread (it must not
+        block: the PUBLISHED events wait behind it); see fetch_staged."""
+        return WatchStream(self, after, window_s, on_staged)
 
 
 class WatchStream:
@@ -262,10 +316,12 @@ class WatchStream:
     stream from the last version it delivered, so nothing is missed or repeated. Each
     stream has a deadline (`window_s`) and is reopened when it passes."""
 
-    def __init__(self, client: BrokerClient, after: dict[str, int], window_s: float) -> None:
+    def __init__(self, client: BrokerClient, after: dict[str, int], window_s: float,
+                 on_staged: Callable[[AdapterVersion], object] | None = None) -> None:
         for n in after:
             validate_name(n)
         self.client, self.last, self.window_s = client, dict(after), window_s
+        self.on_staged = on_staged
         self._call: grpc.Future | None = None
         self._closed = threading.Event()
         self.reconnects = 0
@@ -278,11 +334,16 @@ class WatchStream:
     def __iter__(self) -> Iterator[tuple[AdapterVersion, bool]]:
         delay = self.client.backoff_s
         while not self._closed.is_set():
-            req = pb.WatchRequest(adapters=[pb.WatchFrom(name=n, after_version=v) for n, v in self.last.items()])
+            req = pb.WatchRequest(adapters=[pb.WatchFrom(name=n, after_version=v) for n, v in self.last.items()],
+                                  include_staged=self.on_staged is not None)
             self._call = self.client.stub.Watch(req, timeout=self.window_s, metadata=self.client._metadata)
             try:
                 for ev in self._call:
                     rec = AdapterVersion.from_pb(ev.record)
+                    if ev.kind == pb.AdapterEvent.STAGED:
+                        if self.on_staged is not None:
+                            self.on_staged(rec)
+                        continue
                     if rec.version <= self.last.get(rec.name, 0):
                         continue
                     self.last[rec.name] = rec.version

@@ -20,6 +20,11 @@ class RegistryConfig(Section):
     """Uploads in progress at once; more get RESOURCE_EXHAUSTED (backpressure)."""
     publish_id_ttl_s: int = Field(86400, ge=60)
     """How long a publish id is remembered, so a retried publish is not committed twice."""
+    relay_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Uploads up to this size are relayed to followers that ask (WatchRequest.include_staged)
+    as their bytes arrive, so rollout servers load a version while its commit is made durable;
+    each relayed upload holds a second copy of its bytes in the broker's memory until it ends.
+    0 = off."""
     events_maxlen: int = Field(100_000, ge=1000)
     """Approximate length cap of each adapter's event stream (watch replays from it)."""
 

@@ -4,15 +4,23 @@ A publish streams bytes into a staging key (invisible, with a TTL) while they ar
 and their safetensors header is checked against the adapter config; the commit is one Lua
 script (fencing check, version assignment, record, event, retention), so concurrent
 publishers can get neither the same number nor a gap, and a failed upload leaves nothing.
+
+While an upload is under way, its bytes are also relayed to followers that asked for it
+(`StagedRelay`: a STAGED watch event once the safetensors header has checked, then
+`FetchStaged` streams the bytes as they arrive and, once the commit is durable, the committed
+record). A rollout server loads them while Redis is still writing, and serves them only as the
+version that record names: nothing is visible as a version before its commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +36,9 @@ from services.common.config import RedisConfig
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
+    LoraloopError,
     NotFound,
+    RemoteError,
     ResourceExhausted,
     Unavailable,
 )
@@ -44,6 +54,7 @@ from services.common.records import AdapterVersion
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+WRITES_AHEAD = 4  # staging writes queued behind an upload's receive, at most
 
 
 def _k(name: str, suffix: str = "") -> str:
@@ -77,6 +88,89 @@ class PublishIntent:
     publish_id: str = ""
 
 
+class Staged:
+    """An upload in progress as followers see it: its record (version 0), the bytes received so
+    far, and how it ended (the committed record, or the error that ended it)."""
+
+    def __init__(self, record: AdapterVersion) -> None:
+        self.record = record
+        self.parts: list[bytes] = []  # as received: relayed without a copy
+        self.outcome: AdapterVersion | Exception | None = None
+        self._changed = asyncio.Event()
+
+    def changed(self) -> asyncio.Event:
+        return self._changed
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def append(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        self._notify()
+
+    def end(self, outcome: AdapterVersion | Exception) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self._notify()
+
+    async def stream(self) -> AsyncIterator[bytes | AdapterVersion]:
+        """The bytes as they arrive (in the publisher's chunks), then the committed record;
+        raises the upload's error."""
+        sent = 0
+        while True:
+            changed = self._changed
+            while sent < len(self.parts):
+                sent += 1
+                yield self.parts[sent - 1]
+            if isinstance(self.outcome, Exception):  # a new one per reader, of the same status
+                err = self.outcome
+                cls = type(err) if isinstance(err, LoraloopError) and type(err) is not RemoteError else Unavailable
+                raise cls(f"the upload did not commit: {err}")
+            if self.outcome is not None:
+                yield self.outcome
+                return
+            await changed.wait()
+
+
+class StagedRelay:
+    """Uploads in progress on this broker, by sha256, and the watches that want them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.by_sha: dict[str, Staged] = {}
+        self._subs: set[tuple[frozenset[str], asyncio.Queue]] = set()
+
+    def subscribe(self, names: frozenset[str], q: asyncio.Queue) -> tuple[frozenset[str], asyncio.Queue]:
+        sub = (names, q)
+        self._subs.add(sub)
+        for st in self.by_sha.values():  # uploads already under way
+            if st.record.name in names and st.outcome is None:
+                q.put_nowait(("staged", st.record, True))
+        return sub
+
+    def unsubscribe(self, sub: tuple[frozenset[str], asyncio.Queue]) -> None:
+        self._subs.discard(sub)
+
+    def begin(self, record: AdapterVersion, received: bytes) -> Staged | None:
+        """Stage an upload whose header has checked (None: too large, or the same bytes are
+        being uploaded already)."""
+        if record.size_bytes > self.max_bytes or record.sha256 in self.by_sha:
+            return None
+        st = Staged(record)
+        st.append(received)
+        self.by_sha[record.sha256] = st
+        for names, q in self._subs:
+            if record.name in names:
+                q.put_nowait(("staged", record, True))
+        return st
+
+    def finish(self, st: Staged, outcome: AdapterVersion | Exception) -> None:
+        st.end(outcome)
+        if self.by_sha.get(st.record.sha256) is st:
+            del self.by_sha[st.record.sha256]
+
+
 class Upload:
     """One publish in progress: bytes go to a staging key, hashed and checked as they come."""
 
@@ -88,6 +182,27 @@ class Upload:
         self._prefix = b""
         self.header: SafetensorsHeader | None = None
         self._done = False
+        self.staged: Staged | None = None
+        # Staging writes run behind the receive (at most WRITES_AHEAD chunks queued), so the
+        # next chunk arrives while Redis writes and fsyncs the last; commit waits for them all.
+        self._writes: asyncio.Queue[bytes | None] = asyncio.Queue(WRITES_AHEAD)
+        self._writer: asyncio.Task[None] | None = None
+
+    async def _write_staging(self) -> None:
+        r = self.registry.redis
+        while (chunk := await self._writes.get()) is not None:
+            async with r.pipeline(transaction=False) as p:
+                p.append(self.key, chunk)
+                p.expire(self.key, self.registry.cfg.staging_ttl_s)
+                await p.execute()
+
+    async def _written(self) -> None:
+        """Wait for every staging write; raises the first one's error."""
+        if self._writer is None:
+            return
+        if not self._writer.done():
+            await self._writes.put(None)
+        await self._writer
 
     @redis_errors_unavailable
     async def append(self, chunk: bytes) -> None:
@@ -97,21 +212,58 @@ class Upload:
         if self.received > self.intent.size_bytes:
             raise InvalidArgument(f"upload is longer than the declared {self.intent.size_bytes} bytes")
         self._hash.update(chunk)
+        if self.staged is not None:
+            self.staged.append(chunk)
         if self.header is None:
             self._prefix += chunk
             self.header = parse_safetensors_header(self._prefix)
             if self.header is not None:
+                self._stage(self._prefix)
                 self._prefix = b""
-        r = self.registry.redis
-        async with r.pipeline(transaction=False) as p:
-            p.append(self.key, chunk)
-            p.expire(self.key, self.registry.cfg.staging_ttl_s)
-            await p.execute()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_staging())
+        if self._writer.done():  # it failed: raise its error now
+            await self._writer
+        put = asyncio.ensure_future(self._writes.put(chunk))
+        await asyncio.wait([put, self._writer], return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            await self._writer  # the writer ended (an error) while the queue was full
+
+    def _record(self, sha256: str) -> AdapterVersion:
+        """The record of this upload (version 0); InvalidArgument if its header does not check."""
+        assert self.header is not None
+        i = self.intent
+        spec = check_lora_adapter(self.config, self.header)
+        return AdapterVersion(
+            name=i.name, version=0, sha256=sha256, size_bytes=i.size_bytes,
+            base_model_fingerprint=i.base_model_fingerprint, rank=spec.rank, alpha=spec.alpha,
+            target_modules=spec.target_modules, learner_step=i.learner_step,
+            adapter_config_json=i.adapter_config_json,
+        )
+
+    def _stage(self, received: bytes) -> None:
+        """Relay this upload to followers once its header checks (best effort: one that does not
+        check fails at commit, with its error, and is not relayed)."""
+        relay = self.registry.relay
+        if relay is None or self.header is None or self.header.expected_file_size != self.intent.size_bytes:
+            return
+        try:
+            record = self._record(self.intent.sha256)
+        except InvalidArgument:
+            return
+        self.staged = relay.begin(record, received)
+
+    def end_staged(self, outcome: AdapterVersion | Exception) -> None:
+        if self.staged is not None and self.registry.relay is not None:
+            self.registry.relay.finish(self.staged, outcome)
+            self.staged = None
 
     @redis_errors_unavailable
     async def commit(self) -> tuple[AdapterVersion, bool]:
         """Verify and commit; returns (record, deduplicated)."""
         i = self.intent
+        await self._written()
         if self.received != i.size_bytes:
             raise InvalidArgument(f"truncated upload: received {self.received} of {i.size_bytes} bytes")
         digest = self._hash.hexdigest()
@@ -123,13 +275,7 @@ class Upload:
             raise InvalidArgument(
                 f"safetensors header describes {self.header.expected_file_size} bytes, upload has {i.size_bytes}"
             )
-        spec = check_lora_adapter(self.config, self.header)
-        record = AdapterVersion(
-            name=i.name, version=0, sha256=digest, size_bytes=i.size_bytes,
-            base_model_fingerprint=i.base_model_fingerprint, rank=spec.rank, alpha=spec.alpha,
-            target_modules=spec.target_modules, learner_step=i.learner_step,
-            adapter_config_json=i.adapter_config_json,
-        )
+        record = self._record(digest)
         reg = self.registry
         pub_key = _k(i.name, f":pub:{i.publish_id}") if i.publish_id else "ll:unused"
         res = await reg._commit(
@@ -156,6 +302,10 @@ class Upload:
 
     async def abort(self) -> None:
         """Drop the staged bytes (the TTL covers a broker that dies before this runs)."""
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._writer
         if self._done:
             return
         self._done = True
@@ -174,6 +324,7 @@ class AdapterRegistry:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._pin = redis.register_script(scripts.PIN)
         self._uploads = 0
+        self.relay = StagedRelay(cfg.relay_max_bytes) if cfg.relay_max_bytes > 0 else None
 
     @classmethod
     def from_config(cls, redis_cfg: RedisConfig, cfg: RegistryConfig, password: str | None) -> AdapterRegistry:
@@ -248,11 +399,25 @@ class AdapterRegistry:
         """Stage, verify and commit; nothing is left behind when any step fails."""
         upload = await self.begin_upload(intent)
         self._uploads += 1
+        outcome: AdapterVersion | Exception = Unavailable("the upload ended before its commit")
         try:
+            t0 = time.perf_counter()
+            t1 = None
             async for chunk in chunks:
+                t1 = t1 or time.perf_counter()
                 await upload.append(chunk)
-            return await upload.commit()
+            t2 = time.perf_counter()
+            record, dedup = await upload.commit()
+            t3 = time.perf_counter()
+            log.debug("publish %s: first chunk after %.1f ms, the rest in %.1f ms, then writes + commit %.1f ms",
+                      record.ref, 1e3 * ((t1 or t0) - t0), 1e3 * (t2 - (t1 or t0)), 1e3 * (t3 - t2))
+            outcome = record
+            return record, dedup
+        except Exception as e:
+            outcome = e
+            raise
         finally:
+            upload.end_staged(outcome)  # followers loading it learn how it ended
             self._uploads -= 1
             await asyncio.shield(upload.abort())
 
@@ -324,6 +489,13 @@ class AdapterRegistry:
                     raise NotFound("adapter bytes disappeared during fetch (retired?)")
                 yield part
 
+    def fetch_staged(self, sha256: str) -> tuple[AdapterVersion, AsyncIterator[bytes | AdapterVersion]]:
+        """The record of the upload of `sha256` in progress here, and its stream (Staged.stream)."""
+        st = self.relay.by_sha.get(sha256) if self.relay is not None else None
+        if st is None:
+            raise NotFound(f"no upload of sha256 {sha256[:12]}… is in progress on this broker")
+        return st.record, st.stream()
+
     @redis_errors_unavailable
     async def set_pinned(self, name: str, version: int, pinned: bool) -> AdapterVersion | None:
         """Pin or unpin a live version; returns its record, or None if unpinning retired it."""
@@ -340,13 +512,44 @@ class AdapterRegistry:
 
     # ---------------------------------------------------------------- watch
 
-    async def watch(self, after: dict[str, int], block_ms: int = 2000) -> AsyncIterator[tuple[AdapterVersion, bool]]:
-        """Every version committed after `after[name]`, in order per name, then live ones.
+    async def watch(self, after: dict[str, int], block_ms: int = 2000,
+                    include_staged: bool = False) -> AsyncIterator[tuple[str, AdapterVersion, bool]]:
+        """Every version committed after `after[name]`, in order per name, then live ones; with
+        `include_staged`, also the uploads of those names under way on this broker.
 
-        Yields (record, live); `live` is False for versions that were already committed when
-        the watch began. A lost Redis connection is retried for `redis.retry_s` seconds, so a
-        Redis restart does not end the stream; the read resumes from the last id delivered.
+        Yields (kind, record, live), kind "published" or "staged"; `live` is False for versions
+        that were already committed when the watch began. A lost Redis connection is retried for
+        `redis.retry_s` seconds, so a Redis restart does not end the stream; the read resumes
+        from the last id delivered.
         """
+        if not include_staged or self.relay is None:
+            async for rec, live in self._watch_committed(after, block_ms):
+                yield "published", rec, live
+            return
+        for n in after:
+            validate_name(n)
+        q: asyncio.Queue = asyncio.Queue()
+        sub = self.relay.subscribe(frozenset(after), q)
+
+        async def pump() -> None:
+            try:
+                async for rec, live in self._watch_committed(after, block_ms):
+                    q.put_nowait(("published", rec, live))
+            except Exception as e:
+                q.put_nowait(e)
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.relay.unsubscribe(sub)
+            task.cancel()
+
+    async def _watch_committed(self, after: dict[str, int], block_ms: int) -> AsyncIterator[tuple[AdapterVersion, bool]]:
         for n in after:
             validate_name(n)
         cursor = {_k(n, ":events"): f"{v}-0" for n, v in after.items()}

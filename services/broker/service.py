@@ -22,6 +22,7 @@ ROLES_OF_METHOD = {
     f"/{SERVICE}/ListVersions": _READ,
     f"/{SERVICE}/ListAdapters": _READ,
     f"/{SERVICE}/Fetch": _READ,
+    f"/{SERVICE}/FetchStaged": frozenset({"rollout"}),  # bytes not yet a version: not for clients
     f"/{SERVICE}/Watch": frozenset({"learner", "rollout"}),
 }
 
@@ -72,6 +73,15 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
         async for chunk in chunks:
             yield pb.FetchResponse(chunk=chunk)
 
+    async def FetchStaged(self, request: pb.FetchStagedRequest, context) -> AsyncIterator[pb.FetchResponse]:
+        record, parts = self.registry.fetch_staged(request.sha256)
+        yield pb.FetchResponse(record=record.to_pb())
+        async for part in parts:
+            if isinstance(part, bytes):
+                yield pb.FetchResponse(chunk=part)
+            else:  # the committed record, last
+                yield pb.FetchResponse(record=part.to_pb())
+
     async def _pin(self, request: pb.PinRequest, pinned: bool) -> pb.PinResponse:
         record = await self.registry.set_pinned(request.ref.name, request.ref.version, pinned)
         if record is None:
@@ -88,5 +98,6 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
         if not request.adapters:
             raise InvalidArgument("watch at least one adapter name")
         after = {w.name: w.after_version for w in request.adapters}
-        async for record, live in self.registry.watch(after):
-            yield pb.AdapterEvent(kind=pb.AdapterEvent.PUBLISHED, record=record.to_pb(), live=live)
+        async for kind, record, live in self.registry.watch(after, include_staged=request.include_staged):
+            yield pb.AdapterEvent(kind=pb.AdapterEvent.STAGED if kind == "staged" else pb.AdapterEvent.PUBLISHED,
+                                  record=record.to_pb(), live=live)

@@ -9,6 +9,11 @@
 - Following: the manager owns which names it follows (`follow`, or the first request for
   `name@latest`). It loads the newest version, then asks its watcher to announce the later
   ones, which arrive through `on_published`; `wait_for` waits on its change event.
+- Staged loads: for a followed name, `on_staged` (an upload just begun on the broker) fetches
+  the bytes as they are uploaded and loads them into the engine under a name no request can
+  ask for; once the broker says the commit is durable it becomes that version (and `latest`),
+  with no second fetch or load. An upload that fails drops it; `on_published` of the version
+  joins it, and loads the usual way if it failed.
 
 The engine, the broker and the watcher are injected (`LoraEngine`, `AdapterSource`,
 `AdapterWatcher`), so this logic is unit-tested with fakes and integration-tested with vLLM
@@ -81,6 +86,9 @@ class AdapterSource(Protocol):
         """Write the version's safetensors bytes to `path` as they arrive (the cache write
         overlaps the transfer); returns its record."""
         ...
+
+    # Optional (staged loads): BrokerClient.fetch_staged -- the bytes of an upload in progress
+    # into `path`, `on_bytes(record)` once all are there and verified, then the committed record.
 
 
 class AdapterObserver(Protocol):
@@ -178,6 +186,7 @@ class AdapterManager:
         self.latest: dict[str, int] = {}
         self.refused: dict[tuple[str, int], str] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
+        self._staged: dict[str, asyncio.Task[None]] = {}  # sha256 -> its staged load
         self._next_id = 1
         self.followed: set[str] = set()  # names whose new versions the watcher announces
         self.loads = 0  # versions loaded into the engine since start (for metrics/tests)
@@ -296,16 +305,95 @@ class AdapterManager:
 
     async def on_published(self, record: AdapterVersion) -> None:
         """A version announced by the broker: load it, then move `latest` to it."""
+        staged = self._staged.get(record.sha256)
+        if staged is not None and (record.name, record.version) not in self.loaded:
+            await asyncio.wait([staged])  # its load becomes this version, or it failed: load anew
         try:
             await self.load(record)
         except (AdapterRefused, NotFound) as e:
             log.warning("not serving %s: %s", record.ref, e)
             return
+        await self._make_latest(record)
+
+    async def _make_latest(self, record: AdapterVersion) -> None:
         if record.version > self.latest.get(record.name, 0):
             self.latest[record.name] = record.version
             self._notify()
             log.info("%s@latest is now v%d", record.name, record.version)
         await self._unload_drained(record.name)
+
+    # ------------------------------------------------------------ staged loads
+
+    def on_staged(self, staged: AdapterVersion) -> None:
+        """An upload of a followed name has begun on the broker (called on the event loop):
+        start loading its bytes as they arrive. Best effort: any failure only logs, and the
+        version loads from its PUBLISHED event as it would have."""
+        fetch_staged = getattr(self.source, "fetch_staged", None)
+        if (fetch_staged is None or staged.name not in self.followed or staged.sha256 in self._staged
+                or staged.base_model_fingerprint != self.base.fingerprint or staged.rank > self.base.max_lora_rank):
+            return
+        task = asyncio.get_running_loop().create_task(self._load_staged(staged, fetch_staged))
+        self._staged[staged.sha256] = task
+
+        def done(t: asyncio.Task) -> None:
+            if self._staged.get(staged.sha256) is t:
+                del self._staged[staged.sha256]
+
+        task.add_done_callback(done)
+
+    async def _load_staged(self, staged: AdapterVersion, fetch_staged) -> None:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        bytes_in: asyncio.Future[float] = loop.create_future()
+
+        def on_bytes(_record: AdapterVersion) -> None:  # on the fetching thread
+            loop.call_soon_threadsafe(lambda: bytes_in.done() or bytes_in.set_result(time.perf_counter()))
+
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+        fetch = asyncio.ensure_future(asyncio.to_thread(fetch_staged, staged.sha256, tmp / WEIGHTS_NAME, on_bytes))
+        handle: LoraHandle | None = None
+        try:
+            await asyncio.wait([fetch, bytes_in], return_when=asyncio.FIRST_COMPLETED)
+            if not bytes_in.done():
+                await fetch  # raises how the fetch ended
+                raise DataLoss("staged fetch ended before its bytes")
+            t1 = bytes_in.result()
+            lora_id = self._next_id
+            self._next_id += 1
+            path = await asyncio.to_thread(self._check_and_cache, staged, tmp, lora_id)
+            t2 = time.perf_counter()
+            handle = LoraHandle(f"{staged.name}@staged.{lora_id}", lora_id, str(path))
+            await self.engine.add_lora(handle)
+            t3 = time.perf_counter()
+            record: AdapterVersion = await fetch  # the commit, made durable
+            t4 = time.perf_counter()
+        except Exception as e:
+            fetch.cancel()
+            log.info("staged load of %s (%s…) dropped: %s", staged.name, staged.sha256[:12], e)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await self.engine.remove_lora(handle)
+                shutil.rmtree(handle.path, ignore_errors=True)
+            return
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # moved into the cache unless it failed
+        key = (record.name, record.version)
+        if key in self.loaded or key in self._loading or key in self.refused:  # loaded another way meanwhile
+            await self.engine.remove_lora(handle)
+            shutil.rmtree(handle.path, ignore_errors=True)
+            return
+        lv = LoadedVersion(record, LoraHandle(record.ref, lora_id, handle.path), last_used=time.monotonic())
+        self.loaded[key] = lv
+        self.loads += 1
+        self._notify()
+        events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
+                    lora_id=lora_id, size_bytes=record.size_bytes, fetch_ms=round((t1 - t0) * 1e3, 3),
+                    check_cache_ms=round((t2 - t1) * 1e3, 3), engine_ms=round((t3 - t2) * 1e3, 3),
+                    staged=True, commit_wait_ms=round((t4 - t3) * 1e3, 3))
+        if self.observer is not None:
+            self.observer.adapter_loaded(record.name, t3 - t0, swap=False)
+        await self._evict_beyond_capacity(keep=key)
+        await self._make_latest(record)
 
     # ------------------------------------------------------------ following
 

@@ -56,7 +56,7 @@ async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
         metrics = RolloutMetrics()
         manager = AdapterManager(engine, broker, base, cache, watcher=follower,
                                  capacity=cfg.engine.max_cpu_loras, observer=metrics)
-        follower.start(manager.on_published)
+        follower.start(manager.on_published, manager.on_staged if cfg.adapters.load_staged else None)
         for name in cfg.adapters.follow:
             await manager.follow(name)
         codec = TokenCodec(cfg.engine.model)

@@ -50,6 +50,11 @@ class AdapterCacheConfig(Section):
     """Where fetched adapters are written for the engine to load ("" = /dev/shm when present, else a temp dir)."""
     follow: list[str] = []
     """Adapter names to hot-load as the broker announces new versions (others load on first request)."""
+    load_staged: bool = True
+    """For followed names, fetch and load a new version's bytes while the broker is still
+    uploading and committing them (its STAGED event), and serve it once the commit is durable:
+    the upload, the durable write and the load overlap instead of running one after another.
+    A version is never served before its commit; a staged load whose upload fails is dropped."""
 
 
 class HttpConfig(Section):

@@ -1,6 +1,9 @@
 """Follower: the AdapterManager's watcher. A thread consumes the (reconnecting) broker watch
 stream for the names the manager follows and hands each announced version to `deliver`
-(the manager's `on_published`) on the server's event loop, in order, one at a time."""
+(the manager's `on_published`) on the server's event loop, in order, one at a time. With
+`staged`, uploads that begin on the broker go to it as well (the manager's `on_staged`,
+which starts loading their bytes): handed over without waiting, so a version's PUBLISHED
+event is never held up behind its own staged load."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from services.common.records import AdapterVersion
 log = logging.getLogger(__name__)
 REOPEN_DELAY_S = 0.25
 Deliver = Callable[[AdapterVersion], Coroutine[Any, Any, None]]
+Staged = Callable[[AdapterVersion], None]
 
 
 class Follower:
@@ -23,14 +27,15 @@ class Follower:
         self.client, self.loop = client, loop
         self.after: dict[str, int] = {}
         self._deliver: Deliver | None = None
+        self._staged: Staged | None = None
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adapter-follower", daemon=True)
 
-    def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    def start(self, deliver: Deliver, staged: Staged | None = None) -> None:
+        self._deliver, self._staged = deliver, staged
         self._thread.start()
 
     def watch(self, name: str, after: int) -> None:
@@ -52,6 +57,10 @@ class Follower:
         if self._thread.is_alive():
             self._thread.join(10)
 
+    def _on_staged(self, record: AdapterVersion) -> None:
+        assert self._staged is not None
+        self.loop.call_soon_threadsafe(self._staged, record)
+
     def _run(self) -> None:
         assert self._deliver is not None
         reopened = False
@@ -67,7 +76,8 @@ class Follower:
             with self._lock:
                 names = dict(self.after)
                 self._changed.clear()
-                self._stream = self.client.watch(names) if names else None
+                self._stream = self.client.watch(names, on_staged=self._on_staged if self._staged else None) \
+                    if names else None
             reopened = self._stream is not None
             if self._stream is None:
                 self._changed.wait()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound
+from services.common.names import parse_selector
 from services.common.records import AdapterVersion
 from services.rollout.adapters import AdapterManager, AdapterRefused, BaseModel
 from tests.support.adapters import make_adapter
@@ -502,5 +503,155 @@ def test_a_pinned_reload_during_the_unload_of_its_version_keeps_its_files(tmp_pa
             await task
             assert (Path(lv.handle.path) / "adapter_model.safetensors").is_file()
             assert m.loaded[("p", 1)] is lv and m.latest["p"] == 2
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------ staged loads
+
+
+class FakeStagedBroker(FakeFileBroker):
+    """A source with fetch_staged: the bytes go to `path` and `on_bytes` runs as soon as the
+    test stages them; the call then returns when the test commits them (`outcome`: the record,
+    or an error to raise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.committed: dict[str, object] = {}
+        self.cond = threading.Condition()
+        self.staged_fetches = 0
+
+    def commit(self, sha256: str, outcome) -> None:
+        with self.cond:
+            self.committed[sha256] = outcome
+            self.cond.notify_all()
+
+    def fetch_staged(self, sha256: str, path, on_bytes=None):
+        self.staged_fetches += 1
+        rec, data = next(v for v in self.versions.values() if v[0].sha256 == sha256)
+        if sha256 in self.committed and isinstance(self.committed[sha256], NotFound):
+            raise self.committed[sha256]
+        path.write_bytes(data)
+        if on_bytes:
+            on_bytes(rec)
+        with self.cond:
+            self.cond.wait_for(lambda: sha256 in self.committed, timeout=10)
+            outcome = self.committed.get(sha256, TimeoutError("test never committed"))
+        if isinstance(outcome, Exception):
+            path.unlink(missing_ok=True)
+            raise outcome
+        return outcome
+
+
+def _staged(rec: AdapterVersion) -> AdapterVersion:
+    """What a STAGED event carries: the record, version 0."""
+    from dataclasses import replace
+
+    return replace(rec, version=0)
+
+
+@pytest.fixture
+def staged_setup(tmp_path):
+    engine, broker = FakeEngine(), FakeStagedBroker()
+    m = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+    m.watcher = FakeWatcher()
+    return engine, broker, m
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_staged_load_is_not_served_until_committed_then_becomes_the_version(staged_setup, tmp_path):
+    engine, broker, m = staged_setup
+
+    async def scenario():
+        await m.follow("p")
+        rec = broker.publish("p", seed=1)
+        m.on_staged(_staged(rec))
+        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        # Loaded into the engine, but no request can have it: not a version yet.
+        assert m.loaded == {} and "p" not in m.latest
+        with pytest.raises(AdapterRefused):
+            await m.resolve(parse_selector("p@latest"))
+        broker.commit(rec.sha256, rec)
+        await _until(lambda: m.latest.get("p") == 1)
+        lv = m.loaded[("p", 1)]
+        assert lv.handle.lora_name == "p@v1" and lv.handle.lora_id in engine.loaded
+        await m.on_published(rec)  # the PUBLISHED event after: nothing fetched or loaded again
+        assert broker.to_file == 0 and broker.staged_fetches == 1
+        assert [c for c in engine.calls if c.startswith("add")] == [f"add p@staged.{lv.handle.lora_id}"]
+        async with m.acquire("p@latest") as got:
+            assert got.record.version == 1 and got.handle.path == lv.handle.path
+        assert leftovers(tmp_path) == []
+
+    run(scenario())
+
+
+def test_published_event_first_joins_the_staged_load(staged_setup):
+    engine, broker, m = staged_setup
+
+    async def scenario():
+        await m.follow("p")
+        rec = broker.publish("p", seed=2)
+        m.on_staged(_staged(rec))
+        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        published = asyncio.create_task(m.on_published(rec))  # arrives before the commit's answer
+        await asyncio.sleep(0.05)
+        assert not published.done()
+        broker.commit(rec.sha256, rec)
+        await published
+        assert m.latest["p"] == 1 and broker.to_file == 0
+        assert len([c for c in engine.calls if c.startswith("add")]) == 1
+
+    run(scenario())
+
+
+def test_staged_load_whose_commit_fails_is_dropped(staged_setup, tmp_path):
+    engine, broker, m = staged_setup
+
+    async def scenario():
+        await m.follow("p")
+        rec = broker.publish("p", seed=3)
+        m.on_staged(_staged(rec))
+        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        broker.commit(rec.sha256, FailedPrecondition("stale publisher epoch"))
+        await _until(lambda: any(c.startswith("remove p@staged.") for c in engine.calls))
+        await _until(lambda: not m._staged)
+        assert m.loaded == {} and "p" not in m.latest and engine.loaded == {}
+        assert [d for d in tmp_path.rglob("*") if d.is_file()] == []  # nothing left in the cache
+
+    run(scenario())
+
+
+def test_failed_staged_fetch_falls_back_to_the_published_event(staged_setup):
+    engine, broker, m = staged_setup
+
+    async def scenario():
+        await m.follow("p")
+        rec = broker.publish("p", seed=4)
+        broker.commit(rec.sha256, NotFound("no upload of that sha256 in progress"))
+        m.on_staged(_staged(rec))
+        await m.on_published(rec)
+        assert m.latest["p"] == 1 and broker.to_file == 1 and broker.staged_fetches == 1
+        assert m.loaded[("p", 1)].handle.lora_name == "p@v1"
+
+    run(scenario())
+
+
+def test_staged_uploads_of_unfollowed_names_or_another_base_are_ignored(staged_setup):
+    engine, broker, m = staged_setup
+
+    async def scenario():
+        m.on_staged(_staged(broker.publish("nobody-follows", seed=5)))
+        await m.follow("p")
+        m.on_staged(_staged(broker.publish("p", seed=6, fingerprint="sha256:other")))
+        await asyncio.sleep(0.05)
+        assert broker.staged_fetches == 0 and engine.calls == []
 
     run(scenario())
