@@ -95,7 +95,7 @@ def test_follower_gets_the_bytes_before_the_commit_then_the_version(broker, tmp_
             try:
                 out["record"] = client.fetch_staged(rec.sha256, tmp_path / "w.safetensors",
                                                     on_bytes=lambda r: got_bytes.set())
-            except Exception as e:  # noqa: BLE001 - reported below
+            except Exception as e:  # reported below
                 out["error"] = e
 
         t = threading.Thread(target=fetch)
@@ -137,7 +137,7 @@ def test_an_upload_that_does_not_commit_fails_the_staged_fetch(broker, tmp_path:
         def fetch() -> None:
             try:
                 out["record"] = client.fetch_staged(sha, tmp_path / "w.safetensors", on_bytes=lambda r: got_bytes.set())
-            except Exception as e:  # noqa: BLE001 - asserted below
+            except Exception as e:  # asserted below
                 out["error"] = e
 
         t = threading.Thread(target=fetch)

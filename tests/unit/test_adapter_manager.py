@@ -630,7 +630,7 @@ def test_staged_load_whose_commit_fails_is_dropped(staged_setup, tmp_path):
 
 
 def test_failed_staged_fetch_falls_back_to_the_published_event(staged_setup):
-    engine, broker, m = staged_setup
+    _engine, broker, m = staged_setup
 
     async def scenario():
         await m.follow("p")
