@@ -12,6 +12,8 @@ import pytest
 from safetensors.numpy import save
 
 from services.broker.client import BrokerClient
+from services.common import events
+from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.peft_adapters import make_peft_adapter, peft_reference
 from tests.support.procs import TOKENS
 from tests.support.proctree import cpu_seconds, descendants
@@ -95,6 +97,10 @@ def test_hot_load_under_traffic(rollout_stack, tmp_path):
     assert sum(len(m.token_ids) for m in msgs) == LONG_N * 500 and all(m.finish_reason == "length"
                                                                   for m in msgs if m.finished)
     assert after.versions == {("hot", 2)}
+    # "hot" was followed when v2 was published: the server loaded v2 from the broker's relay of
+    # the upload (staged), then served it as the version the commit named.
+    loads = {e["version"]: e for e in events.read_file(s.rollout.log_path, ADAPTER_LOADED) if e["name"] == "hot"}
+    assert loads[2].get("staged") is True and loads[2]["commit_wait_ms"] >= 0, loads[2]
     # v1 drained: unloaded once its request ended. The server unloads it after sending the last
     # message (as the request's context exits), so the client may look a few ms too early.
     deadline = time.monotonic() + 10
