@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
               "loraloop up vs TRL GRPOTrainer (own venv) on the tiny demo: s/step, time to a reward target, memory"),
     "learner": ("services.bench.learner",
                 "RL update tok/s and peak memory: LoRA (ref = adapter off) vs full fine-tuning + a reference copy"),
+    "update": ("services.bench.update",
+               "the learner's update on the demo batch (Policy + Trainer) vs a plain peft + torch loop, same threads"),
     "all": ("services.bench.all",
             "every benchmark above (but traffic), one at a time, and docs/benchmarks.md with their tables and plots"),
 }

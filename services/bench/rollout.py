@@ -412,6 +412,10 @@ async def measure_hotload(engine: Engine, model_dir: Path, adapters: list[Path],
         # (b): from the publisher's commit ack (no upload), against a floor with the first token.
         "served_from_ack_ms": from_ack, "floor_with_first_token_ms": floor_b,
         "from_ack_ratio_p50": from_ack["p50"] / floor_b["p50"], "from_ack_ratio_p95": from_ack["p95"] / floor_b["p95"],
+        # Issue 17's definition: served from the publish call's start (the upload and its durable
+        # commit included) against floor (b) (the work any server does: fetch, load, first token).
+        "served_over_floor_b_p50": served["p50"] / floor_b["p50"],
+        "served_over_floor_b_p95": served["p95"] / floor_b["p95"],
         # The least ratio (a) any server could reach: with no upload, notice or overhead at all it
         # still runs one forward pass with the new weights before its first token.
         "ideal_ratio_a_p50": statistics.median(s.floor_with_first_token / s.floor for s in samples),
@@ -522,6 +526,12 @@ def report(result: dict) -> str:
             lines.append(f"{h['model']:>6} | {p['publish_call']['p50']:>7.1f} {p['visible']['p50']:>7.1f} "
                          f"{p['fetch']['p50']:>6.1f} {p['add_lora']['p50']:>8.1f} {p['inproc_first_token']['p50']:>7.1f} | "
                          f"{h['ideal_ratio_a_p50']:>8.2f}x")
+        lines.append("end to end (issue 17): (a) served / floor (b), i.e. from the publish call's start, upload and "
+                     "durable commit included, against fetch + load + first token")
+        for h in result["hotload"]:
+            r50, r95 = h["served_over_floor_b_p50"], h["served_over_floor_b_p95"]
+            lines.append(f"{h['model']:>6} | p50 {r50:.2f}x  p95 {r95:.2f}x  goal <= {g:g}x: "
+                         f"{'met' if max(r50, r95) <= g else 'MISSED'}")
         if any(h.get("server_parts_ms") for h in result["hotload"]):
             lines.append("rollout server's own log, p50 ms: fetch (broker -> bytes; staged: from the upload's start), "
                          "check + cache write, engine add_lora, then (staged) the wait for the durable commit")

@@ -54,7 +54,7 @@ from services.common.records import AdapterVersion
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-WRITES_AHEAD = 4  # staging writes queued behind an upload's receive, at most
+WRITES_AHEAD = 8  # staging writes queued behind an upload's receive, at most
 
 
 def _k(name: str, suffix: str = "") -> str:
@@ -193,23 +193,46 @@ class Upload:
         APPEND grows the string by reallocating (and copying) it, which made Redis' share of a
         35 MB upload twice as long (190 ms against 90, measured)."""
         r = self.registry.redis
-        offset = 0
-        while (chunk := await self._writes.get()) is not None:
+        offset, last = 0, False
+        while not last:
+            # Every chunk queued meanwhile goes in the same round trip: Redis fsyncs once per
+            # batch of commands it reads, and one fsync per 1 MB chunk was 40 of the 90 ms a
+            # 35 MB upload spent in Redis (measured against appendfsync no).
+            batch = [await self._writes.get()]
+            while not self._writes.empty():
+                batch.append(self._writes.get_nowait())
+            if batch[-1] is None:
+                last = True
+                batch.pop()
+            if not batch:
+                break
             async with r.pipeline(transaction=False) as p:
                 if offset == 0:
                     p.setrange(self.key, self.intent.size_bytes - 1, b"\0")
-                p.setrange(self.key, offset, chunk)
+                for chunk in batch:
+                    p.setrange(self.key, offset, chunk)
+                    offset += len(chunk)
                 p.expire(self.key, self.registry.cfg.staging_ttl_s)
                 await p.execute()
-            offset += len(chunk)
 
     async def _written(self) -> None:
         """Wait for every staging write; raises the first one's error."""
         if self._writer is None:
             return
-        if not self._writer.done():
-            await self._writes.put(None)
+        await self._enqueue(None)
         await self._writer
+
+    async def _enqueue(self, item: bytes | None) -> None:
+        """Queue `item` for the writer, or raise the writer's error if it ends first."""
+        assert self._writer is not None
+        if self._writer.done():
+            await self._writer
+            return
+        put = asyncio.ensure_future(self._writes.put(item))
+        await asyncio.wait([put, self._writer], return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            await self._writer  # it ended (an error) while the queue was full
 
     @redis_errors_unavailable
     async def append(self, chunk: bytes) -> None:
@@ -229,13 +252,7 @@ class Upload:
                 self._prefix = b""
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_staging())
-        if self._writer.done():  # it failed: raise its error now
-            await self._writer
-        put = asyncio.ensure_future(self._writes.put(chunk))
-        await asyncio.wait([put, self._writer], return_when=asyncio.FIRST_COMPLETED)
-        if not put.done():
-            put.cancel()
-            await self._writer  # the writer ended (an error) while the queue was full
+        await self._enqueue(chunk)
 
     def _record(self, sha256: str) -> AdapterVersion:
         """The record of this upload (version 0); InvalidArgument if its header does not check."""
