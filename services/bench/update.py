@@ -98,7 +98,7 @@ class PlainLoop:
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
