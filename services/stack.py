@@ -130,6 +130,52 @@ def prepare_model(cfg: StackConfig, run_dir: Path) -> Path:
     return model
 
 
+SHM_ROOT = Path("/dev/shm")
+
+
+def model_max_len(model: Path, default: int) -> int:
+    """The longest sequence the model's config allows (max_position_embeddings), else `default`:
+    the engine's max_model_len is capped to it (the tiny model's is 512)."""
+    try:
+        return int(json.loads((model / "config.json").read_text()).get("max_position_embeddings") or default)
+    except (OSError, ValueError):
+        return default
+
+
+def model_in_shm(model: Path, root: Path = SHM_ROOT) -> Path:
+    """verl's `use_shm`: the base model copied once into RAM (`root`/loraloop-models/), where
+    the learner and the rollout engines load it from. A copy whose files (names, sizes, mtimes)
+    match the source is reused; where `root` is missing or the model does not fit in its free
+    space, the model is used from where it is, and a message says why."""
+    import hashlib
+
+    files = sorted(f for f in model.rglob("*") if f.is_file())
+    identity = json.dumps([[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    size = sum(f.stat().st_size for f in files)
+    if not root.is_dir():
+        print(f"use_shm: {root} does not exist here; loading the model from {model}", flush=True)
+        return model
+    dest = root / "loraloop-models" / (model.name + "-" + hashlib.sha256(
+        (str(model) + identity).encode()).hexdigest()[:12])
+    marker = dest / ".loraloop-shm.json"
+    if marker.is_file() and marker.read_text() == identity:
+        print(f"use_shm: reusing the copy of {model} in {dest}", flush=True)
+        return dest
+    free = shutil.disk_usage(root).free
+    if size * 1.1 > free:
+        print(f"use_shm: the model ({size / 2**30:.2f} GiB) does not fit in {root} ({free / 2**30:.2f} GiB free); "
+              f"loading it from {model}", flush=True)
+        return model
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    (tmp / ".loraloop-shm.json").write_text(identity)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"use_shm: copied {model} ({size / 2**20:.1f} MiB) to {dest}", flush=True)
+    return dest
+
+
 @dataclass
 class Run:
     """One training run of the stack: its learner process, address and run dir."""
@@ -190,6 +236,9 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     password = secrets.token_hex(16)
     env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
            "LORALOOP_REDIS_PASSWORD": password, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if cfg.python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*(str(Path(d).resolve()) for d in cfg.python_path),
+                                             *filter(None, [env.get("PYTHONPATH")])])
     st = Stack(cfg, run_dir, sup, tokens, env)
     py = [sys.executable, "-m", "services.cli"]
     # Redis
@@ -239,7 +288,7 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
         rc.leases_in_flight = max(rc.leases_in_flight, 2 * len(st.runs))
     rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, *(lc.model.lora_rank for lc in configs))
     rc.engine.max_loras = max(rc.engine.max_loras, len(st.runs))
-    rc.engine.max_model_len = max(64, min(rc.engine.max_model_len, 512))
+    rc.engine.max_model_len = max(16, min(rc.engine.max_model_len, model_max_len(model, rc.engine.max_model_len)))
     rc.adapters.follow = sorted({*rc.adapters.follow, *(r.adapter for r in st.runs)})
     rc.http.port = 0  # a replica started by hand from rollout.toml picks a free port (up gives its own theirs)
     (run_dir / "rollout.toml").write_text(to_toml(rc.model_dump()))
@@ -358,12 +407,72 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
             bar.close()
 
 
+SUMMARY = ("The local stack: Redis, broker, learner and rollout replicas as processes on this\n"
+           "machine. With no CONFIG: the tiny arithmetic demo (builds and warm-starts the tiny\n"
+           "model on first run) that visibly learns on 2 CPU cores; see examples/ for others.\n\n"
+           "verl command lines: --verl \"KEY=VALUE ...\" (verl's overrides, e.g. those after\n"
+           "`python3 -m verl.trainer.main_ppo`) or --verl-file FILE (one per line, `\\` continuations\n"
+           "and # comments allowed) translate verl's keys into the settings below; an unknown key or\n"
+           "an unsupported value is an error naming it. Precedence: defaults < CONFIG < verl keys <\n"
+           "--section.key overrides. --print-config prints the resulting TOML (with a note for each\n"
+           "verl key that has no setting of its own) and exits without running.")
+
+
+def split_stack_args(argv: list[str]) -> tuple[list[str], str | None, bool]:
+    """Take `--verl TEXT`, `--verl-file FILE` (their text) and `--print-config` out of argv."""
+    from services.verl import read_file
+
+    rest, verl, print_config = [], None, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in ("--verl", "--verl-file"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"loraloop up: {name} needs a value")
+                value, i = argv[i + 1], i + 1
+            text = read_file(value) if name == "--verl-file" else value
+            verl = text if verl is None else verl + "\n" + text
+        elif a == "--print-config":
+            print_config = True
+        else:
+            rest.append(a)
+        i += 1
+    return rest, verl, print_config
+
+
+def load_stack_config(argv: list[str]) -> tuple[StackConfig, bool]:
+    """The stack config from argv (help, CONFIG, verl keys, overrides) and whether to only print it."""
+    from services.common.config import load_config, merge, parse_overrides
+    from services.verl import VerlError, split_command, translate
+
+    argv, verl_text, print_config = split_stack_args(argv)
+    if any(a in ("-h", "--help") for a in argv) or verl_text is None:
+        cfg = config_cli(StackConfig, argv, "loraloop up", SUMMARY, ALIASES)
+        notes: list[str] = []
+    else:
+        try:
+            tr = translate(split_command(verl_text))
+        except VerlError as e:
+            raise SystemExit(f"loraloop up --verl: {e}") from None
+        path = argv[0] if argv and not argv[0].startswith("--") else None
+        explicit = parse_overrides(argv[1 if path else 0 :], ALIASES)
+        cfg = load_config(StackConfig, path, merge(tr.overrides, explicit))
+        notes = tr.notes
+    if print_config:
+        header = "".join(f"# {n}\n" for n in dict.fromkeys(notes))
+        print(header + ("\n" if header else "") + to_toml(cfg.model_dump()), end="")
+    else:
+        for n in dict.fromkeys(notes):
+            print(f"verl: {n}", flush=True)
+    return cfg, print_config
+
+
 def main(argv: list[str]) -> int:
-    cfg = config_cli(StackConfig, argv, "loraloop up",
-                     "The local stack: Redis, broker, learner and rollout replicas as processes on this\n"
-                     "machine. With no CONFIG: the tiny arithmetic demo (builds and warm-starts the tiny\n"
-                     "model on first run) that visibly learns on 2 CPU cores; see examples/ for others.",
-                     ALIASES)
+    cfg, print_only = load_stack_config(argv)
+    if print_only:
+        return 0
     try:
         redis_server.require()
     except RuntimeError as e:
@@ -375,6 +484,8 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     try:
         model = prepare_model(cfg, run_dir)
+        if cfg.model_shm:
+            model = model_in_shm(model)
         print(f"model ready after {time.monotonic() - t0:.1f} s; starting redis, broker, learner and rollout ...",
               flush=True)
         st = start_stack(cfg, run_dir, model, sup)

@@ -56,6 +56,14 @@ class StackConfig(Section):
     """Logs, Redis data, checkpoints, metrics.jsonl and curves.png go here."""
     model: str = ""
     """Base model directory; "" builds the tiny model under <run_dir>/model on first run."""
+    python_path: list[str] = []
+    """Directories put first on PYTHONPATH of every process the stack starts: where a reward
+    module named `module:function` in learner.data.reward_fn lives (verl's
+    custom_reward_function.path becomes its directory here and its file name the module)."""
+    model_shm: bool = False
+    """Copy the base model once to /dev/shm (reused while its files are unchanged) and load it
+    from there in the learner and the rollout engines (verl's `use_shm`); where it does not
+    fit, it loads from `model` and says so."""
     warm_start: bool = True
     """Warm-start the built tiny model on the arithmetic task so RL has signal (never a user's model)."""
     warm_start_target: float = Field(0.15, gt=0, lt=1)
@@ -79,6 +87,20 @@ class StackConfig(Section):
     """Several training runs on one rollout fleet: one learner per [[runs]] entry (the top-level
     [learner] with the entry's changes, its own adapter name, run dir <run_dir>/<adapter_name>),
     every replica leasing from all of them by weight. Empty: one run, the [learner] itself."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_defaults(cls, data: Any) -> Any:
+        """A [learner] or [rollout] given in part keeps the stack's defaults (the demo's, which
+        --help shows) for what it leaves out. Without this, `--learner.steps=30` alone rebuilt
+        the learner from LearnerConfig's generic defaults: micro-batch 64 instead of 256, the
+        KL metric's forward every step instead of every 10th, a checkpoint every 10 steps."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, demo in (("learner", DEMO_LEARNER), ("rollout", DEMO_ROLLOUT)):
+                if isinstance(data.get(key), dict):
+                    data[key] = merge(demo.model_dump(exclude_unset=True), data[key])
+        return data
 
     @model_validator(mode="after")
     def _check_runs(self) -> StackConfig:

@@ -18,6 +18,11 @@ class EngineConfig(Section):
     """Longest prompt + response, in tokens."""
     max_num_seqs: int = Field(64, ge=1)
     """Sequences in one batch at most."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Tokens the scheduler batches in one engine step at most (vLLM's max_num_batched_tokens;
+    none = vLLM's default for the model length)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over (vLLM's tensor_parallel_size; GPU builds)."""
     max_loras: int = Field(4, ge=1)
     """Different adapters in one batch at most (vLLM max_loras)."""
     max_cpu_loras: int = Field(16, ge=1)

@@ -138,6 +138,9 @@ class Engine:
             disable_log_stats=True, scheduling_policy=self.cfg.scheduling_policy,
             # Behaviour log-probs of the distribution actually sampled from (after temperature).
             logprobs_mode="processed_logprobs",
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            **({"max_num_batched_tokens": self.cfg.max_num_batched_tokens}
+               if self.cfg.max_num_batched_tokens is not None else {}),
         )
         t0 = time.monotonic()
         try:

@@ -127,3 +127,18 @@ def test_examples_two_runs_loads():
     assert [lc.adapter_name for lc, _ in runs] == ["add-r16", "add-r8"]
     assert runs[0][0].model.target_modules != runs[1][0].model.target_modules
     assert cfg.rollout_replicas == 2
+
+
+def test_a_partial_learner_or_rollout_keeps_the_stack_defaults():
+    """`loraloop up --learner.steps=30` changes the steps only: the rest of [learner] stays the
+    demo's (it used to fall back to LearnerConfig's generic defaults: micro-batch 64, the KL
+    metric's forward every step, a checkpoint every 10 steps)."""
+    from services.common.config import load_config, parse_overrides
+    from services.stack_config import ALIASES, DEMO_LEARNER, DEMO_ROLLOUT, StackConfig
+
+    cfg = load_config(StackConfig, None, parse_overrides(["--learner.steps=30", "--rollout.log_level=DEBUG"], ALIASES))
+    assert cfg.learner.steps == 30 and cfg.rollout.log_level == "DEBUG"
+    assert cfg.learner.model_copy(update={"steps": DEMO_LEARNER.steps}) == DEMO_LEARNER
+    assert cfg.rollout.model_copy(update={"log_level": DEMO_ROLLOUT.log_level}) == DEMO_ROLLOUT
+    assert (cfg.learner.algo.micro_batch_size, cfg.learner.algo.log_kl_every, cfg.learner.checkpoint.every) == (
+        256, 10, 100)

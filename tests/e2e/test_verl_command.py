@@ -1,0 +1,53 @@
+"""A verl user's command line runs here (issue 18, point 1): `loraloop up --verl-file` with the
+reference command of verl's LoRA guide, its GPU sizes scaled down by flags, trains the tiny
+model for a few steps with what the keys asked for (rank 32, n=5, 64 prompts a step, lr 3e-5,
+the model loaded from /dev/shm)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from services.common.config import load_config
+from services.learner.config import LearnerConfig
+from services.learner.metrics import read_metrics
+from services.rollout.config import RolloutConfig
+from tests.unit.test_verl import REFERENCE
+
+STEPS = 4
+# What the guide's 8-GPU command asks for that this CPU machine has not: 8 learner ranks, a
+# tensor-parallel engine over 8 GPUs, FSDP2 offload (a GPU path).
+SCALE_DOWN = ["--learner.nproc=1", "--rollout.engine.tensor_parallel_size=1", "--learner.model.cpu_offload=false"]
+
+
+def test_the_reference_verl_command_trains_the_tiny_model(tmp_path: Path):
+    cmd_file = tmp_path / "verl.sh"
+    cmd_file.write_text(REFERENCE)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "services.cli", "up", "--verl-file", str(cmd_file), *SCALE_DOWN,
+                          "--run-dir", str(run), "--steps", str(STEPS), "--plot=false"],
+                         capture_output=True, text=True, timeout=1200)
+    shm_copy = re.search(r"use_shm: copied .* to (\S+)", out.stdout)
+    try:
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert "verl: rollout.layered_summon" in out.stdout  # the notes are printed
+        assert shm_copy, out.stdout[-2000:]
+        rows = read_metrics(run)
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+        assert rows[-1]["leases/consumed"] == STEPS * 64  # data.train_batch_size=64 prompt groups a step
+        rc = load_config(RolloutConfig, run / "rollout.toml")
+        assert rc.engine.model == shm_copy.group(1)  # the engine loaded the copy in /dev/shm
+        assert (rc.engine.max_lora_rank, rc.engine.max_num_seqs, rc.engine.max_num_batched_tokens) == (32, 64, 1536)
+        ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+        adapter_cfg = json.loads(next(ckpt.rglob("adapter_config.json")).read_text())
+        assert (adapter_cfg["r"], adapter_cfg["lora_alpha"]) == (32, 32)
+        lc = load_config(LearnerConfig, run / "learner.toml")  # what the learner ran with
+        assert (lc.data.samples_per_group, lc.data.groups_per_step, lc.algo.lr) == (5, 64, 3e-5)
+        assert (lc.model.lora_rank, lc.algo.dual_clip_c, lc.nproc) == (32, 3.0, 1)
+    finally:
+        if shm_copy:
+            shutil.rmtree(shm_copy.group(1), ignore_errors=True)

@@ -1,0 +1,161 @@
+"""verl command lines for `loraloop up` (services/verl.py): the LoRA guide's reference command
+translates key by key, the printed TOML is the config that runs, and anything that cannot be
+translated fails by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from services.common.config import load_config
+from services.stack import load_stack_config, model_in_shm
+from services.stack_config import StackConfig
+from services.verl import VerlError, parse_value, split_command, translate
+
+# The reference command of verl's "RL(HF) algorithms with LoRA Support" page, as verl's
+# example scripts write it (backslash continuations).
+REFERENCE = """python3 -m verl.trainer.main_ppo \\
+    data.train_batch_size=64 actor_rollout_ref.model.use_shm=True \\
+    actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=32 \\
+    actor_rollout_ref.model.target_modules=all-linear actor_rollout_ref.actor.optim.lr=3e-5 \\
+    actor_rollout_ref.actor.fsdp_config.fsdp_size=8 actor_rollout_ref.actor.fsdp_config.param_offload=True \\
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=True \\
+    actor_rollout_ref.rollout.tensor_model_parallel_size=8 actor_rollout_ref.rollout.name=vllm \\
+    actor_rollout_ref.rollout.gpu_memory_utilization=0.4 actor_rollout_ref.rollout.n=5 \\
+    actor_rollout_ref.rollout.max_num_seqs=64 actor_rollout_ref.rollout.max_model_len=1536 \\
+    actor_rollout_ref.rollout.max_num_batched_tokens=1536 actor_rollout_ref.rollout.load_format=safetensors \\
+    actor_rollout_ref.rollout.layered_summon=True actor_rollout_ref.ref.fsdp_config.param_offload=True \\
+    actor_rollout_ref.actor.ulysses_sequence_parallel_size=1
+"""
+
+
+def _cfg(text: str, *extra: str) -> StackConfig:
+    t = translate(split_command(text))
+    from services.common.config import merge, parse_overrides
+    from services.stack_config import ALIASES
+
+    return load_config(StackConfig, None, merge(t.overrides, parse_overrides(list(extra), ALIASES)))
+
+
+def test_the_reference_command_translates_every_key():
+    t = translate(split_command(REFERENCE))
+    cfg = _cfg(REFERENCE)
+    lm, algo, data, eng = cfg.learner.model, cfg.learner.algo, cfg.learner.data, cfg.rollout.engine
+    assert (data.groups_per_step, data.samples_per_group) == (64, 5)
+    assert (lm.lora_rank, lm.lora_alpha, lm.target_modules, lm.cpu_offload) == (32, 32.0, "all-linear", True)
+    assert algo.lr == 3e-5 and cfg.learner.nproc == 8
+    assert (eng.tensor_parallel_size, eng.gpu_memory_utilization, eng.max_num_seqs) == (8, 0.4, 64)
+    assert (eng.max_model_len, eng.max_num_batched_tokens, eng.max_lora_rank) == (1536, 1536, 32)
+    assert cfg.model_shm is True
+    # verl's defaults where ours differ and the update changes: dual clip at 3, no KL loss.
+    assert algo.dual_clip_c == 3.0 and algo.kl_coef == 0.0 and not algo.kl_in_reward
+    notes = "\n".join(t.notes)
+    for key in ("layered_summon", "load_format=safetensors", "ref.fsdp_config.param_offload",
+                "ulysses_sequence_parallel_size=1", "rollout.name=vllm"):
+        assert key in notes
+    assert "reference policy is the base model" in notes
+
+
+def test_print_config_prints_the_toml_that_is_run(tmp_path: Path, capsys):
+    f = tmp_path / "cmd.sh"
+    f.write_text(REFERENCE)
+    cfg, only = load_stack_config(["--verl-file", str(f), "--learner.nproc=1", "--print-config"])
+    assert only and cfg.learner.nproc == 1  # a flag after the verl keys wins
+    out = capsys.readouterr().out
+    assert out.startswith("# ") and "layered_summon" in out.splitlines()[0] + out
+    printed = tmp_path / "printed.toml"
+    printed.write_text(out)
+    assert load_config(StackConfig, printed).model_dump() == cfg.model_dump()
+
+
+def test_unknown_keys_and_unsupported_values_fail_by_name():
+    with pytest.raises(VerlError) as e:
+        translate(split_command("actor_rollout_ref.model.lora_rnak=8 trainer.foo=1 "
+                                "actor_rollout_ref.rollout.name=sglang "
+                                "actor_rollout_ref.actor.loss_agg_mode=token-sum "
+                                "actor_rollout_ref.actor.kl_loss_type=k3+ algorithm.adv_estimator=remax "
+                                "actor_rollout_ref.model.lora_rank=0"))
+    msg = str(e.value)
+    for name in ("actor_rollout_ref.model.lora_rnak: unknown verl key", "trainer.foo: unknown verl key",
+                 "rollout.name=sglang", "loss_agg_mode=token-sum", "kl_loss_type=k3+", "adv_estimator=remax",
+                 "lora_rank=0"):
+        assert name in msg, name
+    with pytest.raises(SystemExit, match="unknown verl key"):
+        load_stack_config(["--verl", "nope.key=1"])
+    with pytest.raises(SystemExit, match="no-such-file"):
+        load_stack_config(["--verl-file", "/no-such-file"])
+
+
+def test_grpo_and_ppo_keys():
+    cfg = _cfg("algorithm.adv_estimator=grpo actor_rollout_ref.actor.use_kl_loss=True "
+               "actor_rollout_ref.actor.kl_loss_coef=0.01 actor_rollout_ref.actor.kl_loss_type=low_var_kl "
+               "actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28 "
+               "actor_rollout_ref.actor.clip_ratio_c=10.0 actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean "
+               "actor_rollout_ref.actor.entropy_coeff=0.001 data.train_batch_size=32 "
+               "actor_rollout_ref.actor.ppo_mini_batch_size=8 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 "
+               "actor_rollout_ref.actor.ppo_epochs=2 trainer.total_training_steps=50 trainer.save_freq=-1 "
+               "data.max_prompt_length=512 data.max_response_length=256 "
+               "custom_reward_function.path=/r/my_reward.py custom_reward_function.name=score "
+               "trainer.n_gpus_per_node=4 trainer.nnodes=2 trainer.experiment_name=exp1")
+    a, d = cfg.learner.algo, cfg.learner.data
+    assert (a.kl_coef, a.kl_type, a.kl_in_reward) == (0.01, "k3", False)
+    assert (a.clip_low, a.clip_high, a.dual_clip_c) == (0.2, 0.28, 10.0)
+    assert (a.loss_agg, a.entropy_coef, a.mini_batches, a.micro_batch_size, a.ppo_epochs) == (
+        "seq-mean-token-mean", 0.001, 4, 4, 2)
+    assert cfg.learner.steps == 50 and cfg.learner.checkpoint.every == 10**9
+    assert d.max_tokens == 256 and cfg.rollout.engine.max_model_len == 768
+    assert d.reward_fn == "my_reward:score" and cfg.python_path == ["/r"]
+    assert cfg.learner.nproc == 8 and cfg.run_dir == "runs/exp1"
+    kl = _cfg("algorithm.use_kl_in_reward=True algorithm.kl_ctrl.kl_coef=0.005 algorithm.kl_penalty=kl")
+    assert (kl.learner.algo.kl_in_reward, kl.learner.algo.kl_coef, kl.learner.algo.kl_type) == (True, 0.005, "k1")
+    assert _cfg("algorithm.norm_adv_by_std_in_grpo=False").learner.algo.advantage == "dr_grpo"
+    assert _cfg("actor_rollout_ref.actor.clip_ratio=0.3").learner.algo.clip_high == 0.3
+    for bad, why in (("actor_rollout_ref.actor.use_kl_loss=True algorithm.use_kl_in_reward=True", "choose one"),
+                     ("data.train_batch_size=30 actor_rollout_ref.actor.ppo_mini_batch_size=8", "not a multiple"),
+                     ("trainer.n_gpus_per_node=2 actor_rollout_ref.actor.fsdp_config.fsdp_size=4", "fsdp_size=4"),
+                     ("algorithm.kl_ctrl.type=adaptive", "adaptive KL"),
+                     ("trainer.test_freq=5", "validation")):
+        with pytest.raises(VerlError, match=why):
+            translate(split_command(bad))
+
+
+def test_total_epochs_count_the_training_file(tmp_path: Path):
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join('{"prompt": "1+1=", "answer": "2"}\n' for _ in range(100)))
+    cfg = _cfg(f"data.train_files={f} data.train_batch_size=32 trainer.total_epochs=3")
+    assert cfg.learner.data.dataset == str(f) and cfg.learner.steps == 3 * 3  # 100 // 32 batches an epoch
+    with pytest.raises(VerlError, match="total_epochs"):
+        translate(split_command("trainer.total_epochs=3"))
+
+
+def test_command_line_syntax():
+    pairs = split_command("# a comment\npython3 -m verl.trainer.main_ppo \\\n  +trainer.nnodes=1 \\\n"
+                          "  'trainer.experiment_name=a b'  # trailing comment\n ++data.seed=3")
+    assert pairs == [("trainer.nnodes", "1"), ("trainer.experiment_name", "a b"), ("data.seed", "3")]
+    assert parse_value("True") is True and parse_value("null") is None and parse_value("[q_proj,v_proj]") == [
+        "q_proj", "v_proj"] and parse_value("3e-5") == 3e-5 and parse_value("all-linear") == "all-linear"
+    with pytest.raises(VerlError, match=r"\$LR"):
+        split_command("actor_rollout_ref.actor.optim.lr=$LR")
+    with pytest.raises(VerlError, match="oops"):
+        split_command("data.seed=1 oops")
+
+
+def test_use_shm_copies_once_reuses_and_falls_back(tmp_path: Path, monkeypatch, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(4096))
+    root = tmp_path / "shm"
+    root.mkdir()
+    first = model_in_shm(model, root)
+    assert first != model and (first / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert model_in_shm(model, root) == first and "reusing" in capsys.readouterr().out
+    (model / "config.json").write_text('{"changed": 1}')  # a changed model is copied again
+    second = model_in_shm(model, root)
+    assert (second / "config.json").read_text() == '{"changed": 1}'
+    assert model_in_shm(model, tmp_path / "no-shm") == model
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 100})())
+    (model / "config.json").write_text('{"changed": 2}')
+    assert model_in_shm(model, root) == model and "does not fit" in capsys.readouterr().out
