@@ -109,10 +109,12 @@ ARR = "actor_rollout_ref."
 ACTOR, ROLLOUT, MODEL = ARR + "actor.", ARR + "rollout.", ARR + "model."
 
 # KL estimators: verl's names -> ours (verl/trainer/ppo/core_algos.py kl_penalty).
-_KL = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+_KL = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3", "abs": "abs",
+       "kl+": "k1+", "k1+": "k1+", "low_var_kl+": "k3+", "k3+": "k3+", "abs+": "abs+",
+       "mse+": "k2", "k2+": "k2"}  # verl: k2's "+" is k2 itself
 _ADV = {"grpo": "grpo", "gae": "gae", "rloo": "rloo", "reinforce_plus_plus": "reinforce_plus_plus",
         "reinforce_plus_plus_baseline": "reinforce_plus_plus_baseline"}
-_AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_AGG = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _bool(v: Any) -> bool:
@@ -190,8 +192,6 @@ def _offload(t: Translation, v: Any) -> None:
 
 
 def _kl_type(v: Any) -> str:
-    if isinstance(v, str) and (v.endswith("+") or v in ("abs", "full")):
-        raise ValueError(f"KL type {v!r} is not supported yet (supported: {', '.join(_KL)})")
     return _choice(_KL, "KL type")(v)
 
 

@@ -15,9 +15,9 @@ AdvantageName = Literal[
     "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae"
 ]
 LossAggName = Literal[
-    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 ]
-KlName = Literal["k1", "k2", "k3"]
+KlName = Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
 
 
 class ModelConfig(Section):
@@ -50,7 +50,7 @@ class AlgoConfig(Section):
     """Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline,
     or gae (PPO with a critic: a second LoRA adapter plus a value head on the same base)."""
     loss_agg: LossAggName = "token-mean"
-    """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    """Loss aggregation: token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     clip_low: float = Field(0.2, ge=0)
     """PPO ratio clip below 1 (1 - clip_low)."""
     clip_high: float = Field(0.2, ge=0)
@@ -67,7 +67,8 @@ class AlgoConfig(Section):
     """With kl_coef 0, measure that KL on every N-th step only (the first step after a start or
     resume, then every N): the forward it costs is a quarter of the demo's update."""
     kl_type: KlName = "k3"
-    """KL estimator (k3 = low-variance)."""
+    """KL estimator: k1, k2, k3 (verl's low_var_kl), abs, or k1+ / k3+ / abs+ (that value with
+    k2's gradient, verl's straight-through variants)."""
     kl_in_reward: bool = False
     """Put the KL penalty in the reward instead of the loss."""
     entropy_coef: float = Field(0.0, ge=0)

@@ -20,12 +20,12 @@ from services.learner.algorithms import (
     policy_loss,
 )
 
-MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def test_registries_hold_the_documented_names() -> None:
     assert set(AGG_MODES.names()) == set(MODES)
-    assert KL_ESTIMATORS.names() == ("k1", "k2", "k3")
+    assert KL_ESTIMATORS.names() == ("abs", "abs+", "k1", "k1+", "k2", "k3", "k3+")
     assert ADVANTAGE_ESTIMATORS.names() == (
         "dr_grpo",
         "gae",
@@ -41,7 +41,7 @@ def test_registries_hold_the_documented_names() -> None:
     [
         (lambda: get_advantage_fn("ppo"), "dr_grpo, gae, grpo"),
         (lambda: loss_agg(torch.zeros(1, 1), torch.ones(1, 1), "mean"), "seq-mean-token-mean"),
-        (lambda: KL_ESTIMATORS.get("low_var_kl"), "k1, k2, k3"),
+        (lambda: KL_ESTIMATORS.get("low_var_kl"), r"k1, k1\+, k2, k3, k3\+"),
     ],
 )
 def test_unknown_name_lists_the_valid_ones(lookup, valid: str) -> None:
@@ -67,6 +67,8 @@ MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
     [
         ("token-mean", {}, 2.5),  # (1+2+3+4) / 4 tokens
         ("token-mean", {"global_tokens": 8}, 1.25),  # 10 / 8
+        ("token-sum", {}, 10.0),  # 1+2+3+4, no normaliser
+        ("token-sum", {"global_tokens": 8, "global_seqs": 4}, 10.0),  # normalisers do not apply
         ("seq-mean-token-sum", {}, 5.0),  # (6 + 4) / 2 seqs
         ("seq-mean-token-sum", {"global_seqs": 5}, 2.0),  # 10 / 5
         ("seq-mean-token-mean", {}, 3.0),  # (6/3 + 4/1) / 2
@@ -87,6 +89,8 @@ def _agg_loop(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> float:
     ]
     if mode == "token-mean":
         return sum(map(sum, rows)) / max(sum(map(len, rows)), 1)
+    if mode == "token-sum":
+        return sum(map(sum, rows))
     if mode == "seq-mean-token-sum":
         return sum(sum(r) for r in rows) / len(rows)
     if mode == "seq-mean-token-mean":
@@ -173,7 +177,7 @@ def test_micro_batches_sum_to_the_full_batch_loss_and_gradient(mode: str) -> Non
     torch.testing.assert_close(micro_lp.grad, full_lp.grad, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "token-sum"])  # token-sum has no normaliser
 def test_local_normalisers_do_not_sum_to_the_full_batch_loss(mode: str) -> None:
     # The counter-check that makes the test above meaningful: without the global
     # normalisers each micro-batch divides by its own count and the sum is off.

@@ -120,6 +120,32 @@ def test_only_the_current_logprobs_receive_gradient() -> None:
     assert all(t.grad is None for t in (*others.values(), adv))
 
 
+def test_k3_is_clamped_as_verl_does_and_its_gradient_stays_finite() -> None:
+    # x = log pi - log pi_ref. verl: k = clamp(-x, -20, 20); value clamp(e^k - k - 1, -10, 10).
+    # At x = -100 the unclamped e^100 overflows float32 (> 3.4e38 past x = -88.7), and the
+    # gradient through a value-only clamp was 0 * inf = NaN. Clamped first: value 10, grad 0.
+    # At x = 30: k = -20, e^-20 + 20 - 1 = 19.000000002, clamped to 10, grad 0.
+    # At x = 0.5: e^-0.5 - 1 + 0.5 = 0.106531; d/dx = 1 - e^-0.5 = 0.393469.
+    x = torch.tensor([-100.0, 30.0, 0.5], requires_grad=True)
+    k = kl_estimate(x, torch.zeros(3), "k3")
+    k.sum().backward()
+    torch.testing.assert_close(k.detach(), torch.tensor([10.0, 10.0, math.exp(-0.5) - 0.5]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 1 - math.exp(-0.5)]), rtol=0, atol=1e-6)
+
+
+def test_abs_and_the_straight_through_estimators() -> None:
+    # abs = |x|. "+" variants: the value of k1 / k3 / abs, the gradient of k2 = x^2 / 2 (= x).
+    x0 = torch.tensor([LN2, -LN2, -1.5], dtype=torch.float64)  # k3 stays under its clamp (10)
+    values = {"abs": x0.abs(), "k1+": x0, "k3+": torch.exp(-x0) - 1 + x0, "abs+": x0.abs()}
+    for name, value in values.items():
+        x = x0.clone().requires_grad_(True)
+        k = kl_estimate(x, torch.zeros_like(x), name)
+        k.sum().backward()
+        torch.testing.assert_close(k.detach(), value, rtol=0, atol=1e-12, msg=name)
+        grad = torch.sign(x0) if name == "abs" else x0
+        torch.testing.assert_close(x.grad, grad, rtol=0, atol=1e-12, msg=name)
+
+
 def test_kl_estimators_by_hand() -> None:
     # x = log pi - log pi_ref = (ln 2, -ln 2, -5)
     # k1 = x; k2 = x^2 / 2; k3 = exp(-x) - 1 + x:
@@ -240,7 +266,7 @@ def test_padding_may_hold_inf_and_nan() -> None:
         ({"tis_cap": 0.0}, "tis_cap"),
         ({"kl_coef": 0.1}, "ref_logprobs"),
         ({"entropy_coef": 0.01}, "entropy"),
-        ({"kl_type": "k4"}, "k1, k2, k3"),
+        ({"kl_type": "k4"}, r"k1, k1\+, k2, k3, k3\+"),
         ({"agg": "sum"}, "token-mean"),
     ],
 )

@@ -74,12 +74,12 @@ def test_unknown_keys_and_unsupported_values_fail_by_name():
     with pytest.raises(VerlError) as e:
         translate(split_command("actor_rollout_ref.model.lora_rnak=8 trainer.foo=1 "
                                 "actor_rollout_ref.rollout.name=sglang "
-                                "actor_rollout_ref.actor.loss_agg_mode=token-sum "
-                                "actor_rollout_ref.actor.kl_loss_type=k3+ algorithm.adv_estimator=remax "
+                                "actor_rollout_ref.actor.loss_agg_mode=seq-sum "
+                                "actor_rollout_ref.actor.kl_loss_type=full algorithm.adv_estimator=remax "
                                 "actor_rollout_ref.model.lora_rank=0"))
     msg = str(e.value)
     for name in ("actor_rollout_ref.model.lora_rnak: unknown verl key", "trainer.foo: unknown verl key",
-                 "rollout.name=sglang", "loss_agg_mode=token-sum", "kl_loss_type=k3+", "adv_estimator=remax",
+                 "rollout.name=sglang", "loss_agg_mode=seq-sum", "kl_loss_type=full", "adv_estimator=remax",
                  "lora_rank=0"):
         assert name in msg, name
     with pytest.raises(SystemExit, match="unknown verl key"):
@@ -112,6 +112,9 @@ def test_grpo_and_ppo_keys():
     assert (kl.learner.algo.kl_in_reward, kl.learner.algo.kl_coef, kl.learner.algo.kl_type) == (True, 0.005, "k1")
     assert _cfg("algorithm.norm_adv_by_std_in_grpo=False").learner.algo.advantage == "dr_grpo"
     assert _cfg("actor_rollout_ref.actor.clip_ratio=0.3").learner.algo.clip_high == 0.3
+    for verl_kl, ours in (("low_var_kl+", "k3+"), ("kl+", "k1+"), ("abs", "abs"), ("mse+", "k2")):
+        assert _cfg(f"actor_rollout_ref.actor.kl_loss_type={verl_kl}").learner.algo.kl_type == ours
+    assert _cfg("actor_rollout_ref.actor.loss_agg_mode=token-sum").learner.algo.loss_agg == "token-sum"
     for bad, why in (("actor_rollout_ref.actor.use_kl_loss=True algorithm.use_kl_in_reward=True", "choose one"),
                      ("data.train_batch_size=30 actor_rollout_ref.actor.ppo_mini_batch_size=8", "not a multiple"),
                      ("trainer.n_gpus_per_node=2 actor_rollout_ref.actor.fsdp_config.fsdp_size=4", "fsdp_size=4"),

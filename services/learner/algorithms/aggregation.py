@@ -1,4 +1,4 @@
-"""Reducing a [B, T] per-token loss to a scalar: verl's four `loss_agg_mode`s.
+"""Reducing a [B, T] per-token loss to a scalar: verl's `loss_agg_mode`s.
 
 Micro-batching. Each mode is a sum over tokens or sequences divided by a normaliser. If the
 trainer passes the normaliser of the whole (global) batch - `global_tokens` for token-mean,
@@ -22,7 +22,7 @@ from torch import Tensor
 from .registry import Registry
 
 AggMode = Literal[
-    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 ]
 Normaliser = float | Tensor
 
@@ -56,6 +56,19 @@ def _token_mean(
     """Every token weighs the same (DAPO, Yu et al. 2025, "token-level policy gradient")."""
     tokens = mask.sum().clamp(min=1) if global_tokens is None else global_tokens
     return _seq_sums(loss_mat, mask).sum() / tokens
+
+
+@AGG_MODES.register("token-sum")
+def _token_sum(
+    loss_mat: Tensor,
+    mask: Tensor,
+    global_tokens: Normaliser | None,
+    global_seqs: Normaliser | None,
+    max_len: int | None,
+) -> Tensor:
+    """The sum over every response token, no normaliser (verl's token-sum): the gradient grows
+    with the batch's token count, so the learning rate is per token."""
+    return _seq_sums(loss_mat, mask).sum()
 
 
 @AGG_MODES.register("seq-mean-token-sum")
@@ -95,8 +108,8 @@ def _seq_mean_token_sum_norm(
 ) -> Tensor:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): a sequence's token
     sum divided by a constant (the generation budget), then the mean over sequences, so no
-    length-dependent normaliser biases the gradient. verl divides the total by the constant
-    only (no 1/num_seqs); that differs by the constant factor B."""
+    length-dependent normaliser biases the gradient. verl (0.9.1) divides the same way: by
+    the number of sequences times the constant."""
     if global_seqs is not None and max_len is None:
         raise ValueError("seq-mean-token-sum-norm with global_seqs needs a constant max_len")
     length = mask.shape[-1] if max_len is None else max_len

@@ -20,7 +20,7 @@ from torch import Tensor
 from .aggregation import AggMode, Normaliser, loss_agg, masked_mean
 from .registry import Registry
 
-KlType = Literal["k1", "k2", "k3"]
+KlType = Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
 KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
 
 
@@ -36,16 +36,39 @@ def _k2(log_ratio: Tensor) -> Tensor:
 
 @KL_ESTIMATORS.register("k3")
 def _k3(log_ratio: Tensor) -> Tensor:
-    # Clamped like verl's low_var_kl: exp(-log_ratio) explodes when the policy gives a token
-    # far less mass than the reference, and one such token should not dominate the step.
-    return (torch.exp(-log_ratio) - 1 + log_ratio).clamp(max=10.0)
+    # As verl's low_var_kl: the log-ratio is clamped to [-20, 20] before exp, and the value to
+    # [-10, 10]. Clamping only the value left exp(-x) = inf once x < -88, and the gradient
+    # through the clamp then 0 * inf = NaN; clamped first, that token's gradient is 0.
+    x = (-log_ratio).clamp(-20.0, 20.0)
+    return (torch.exp(x) - x - 1).clamp(-10.0, 10.0)
+
+
+@KL_ESTIMATORS.register("abs")
+def _abs(log_ratio: Tensor) -> Tensor:
+    return log_ratio.abs()
+
+
+def _straight_through(forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """verl's `+` estimators: the value of `forward`, the gradient of k2 (x^2 / 2). k1 and k3
+    are unbiased for the KL's value but their expected gradient is not the KL's gradient; k2's
+    is (Schulman 2020)."""
+    def fn(log_ratio: Tensor) -> Tensor:
+        back = _k2(log_ratio)
+        return back - back.detach() + forward(log_ratio).detach()
+    return fn
+
+
+for _name, _fwd in (("k1+", _k1), ("k3+", _k3), ("abs+", _abs)):
+    KL_ESTIMATORS.register(_name)(_straight_through(_fwd))
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kl_type: KlType | str = "k3") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020,
     "Approximating KL Divergence"). With x = log pi - log pi_ref:
     k1 = x (unbiased, high variance, can be negative); k2 = x^2 / 2 (biased, low variance);
-    k3 = exp(-x) - 1 + x (unbiased, low variance, >= 0; verl's "low_var_kl"), clamped <= 10.
+    k3 = exp(-x) - 1 + x (unbiased, low variance, >= 0; verl's "low_var_kl"), x clamped to
+    [-20, 20] and the value to [-10, 10] as verl does; abs = |x|. `k1+`, `k3+`, `abs+`: that
+    value with k2's gradient (verl's straight-through variants).
     """
     return KL_ESTIMATORS.get(kl_type)(logprobs - ref_logprobs)
 
