@@ -140,7 +140,8 @@ class Coordinator:
 
     def state(self, version: int, trainer: Trainer) -> dict:
         return {"version": version, "epoch": self.epoch, "run_id": self.run_id,
-                "scheduler": trainer.scheduler.state_dict(), "data": self.stream.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(), "kl_coef_now": trainer.kl_coef_now,
+                "data": self.stream.state_dict(),
                 "leases": self.table.state_dict()}
 
     def close(self, finished: bool) -> None:
@@ -266,6 +267,7 @@ def run(cfg: LearnerConfig, stop: threading.Event | None = None) -> None:
     if ckpt is not None:
         state = load_checkpoint(ckpt, policy, trainer.optimizer)
         trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_coef_now = state.get("kl_coef_now", cfg.algo.kl_coef)
         log.info("resumed from %s (step %d, version %d)", ckpt, state["step"], state["version"])
     start = state["step"] if state else 0
     coord = Coordinator(cfg, state) if rank == 0 else None

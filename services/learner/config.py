@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
 
@@ -71,6 +71,14 @@ class AlgoConfig(Section):
     k2's gradient, verl's straight-through variants)."""
     kl_in_reward: bool = False
     """Put the KL penalty in the reward instead of the loss."""
+    kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
+    """The in-reward KL coefficient: fixed at kl_coef, or adaptive (Ziegler et al. 2019, verl's
+    AdaptiveKLController): after each step coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) *
+    batch_sequences / kl_horizon, from kl_coef, where kl is the batch's mean per-sequence KL."""
+    kl_target: float | None = Field(None, gt=0)
+    """The KL the adaptive controller steers to (kl_ctrl = adaptive)."""
+    kl_horizon: int = Field(10000, ge=1)
+    """The adaptive controller's horizon, in sequences."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
     gamma: float = Field(1.0, ge=0, le=1)
@@ -97,6 +105,12 @@ class AlgoConfig(Section):
     """Gradient-norm clip."""
     max_staleness: int = Field(1, ge=0)
     """Largest current_version - behaviour_version accepted; 0 is the synchronous algorithm."""
+
+    @model_validator(mode="after")
+    def _adaptive_kl(self) -> AlgoConfig:
+        if self.kl_ctrl == "adaptive" and not (self.kl_in_reward and self.kl_target and self.kl_coef > 0):
+            raise ValueError("kl_ctrl = adaptive needs kl_in_reward = true, kl_coef > 0 (its start) and kl_target")
+        return self
 
     @property
     def needs_critic(self) -> bool:

@@ -36,6 +36,13 @@ from services.learner.policy import Policy
 _ADDITIVE = ("pg_loss", "loss", "vf_loss")
 
 
+def adaptive_kl_coef(coef: float, current_kl: float, target_kl: float, n_steps: int, horizon: int) -> float:
+    """One step of the adaptive KL controller (Ziegler et al. 2019; verl's AdaptiveKLController):
+    coef * (1 + clip(current_kl / target_kl - 1, -0.2, 0.2) * n_steps / horizon)."""
+    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
 def _all_reduce_sum(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1:
         return values
@@ -123,6 +130,9 @@ class Trainer:
         # forward of their own (TRL does the same with num_iterations=1).
         self.reuse_old_logprobs = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
         self.updates = 0  # steps taken by this trainer (since its process started)
+        # The in-reward KL coefficient now: kl_coef, or where the adaptive controller has moved
+        # it (checkpointed with the run; every rank computes the same from the same batch).
+        self.kl_coef_now = cfg.kl_coef
 
     @property
     def rows(self) -> Rows:
@@ -188,10 +198,20 @@ class Trainer:
         # With KL in the reward, every rank needs every row's reference log-probs: rows are
         # few here, so all compute all.
         penalty = None
+        self._reward_kl: dict[str, float] = {}
         if cfg.kl_in_reward and cfg.kl_coef > 0:
             full_old, full_ref = self._logprobs(batch), self._logprobs(batch, reference=True)
-            penalty = A.kl_reward_penalty(full_old, full_ref, batch.response_mask, kl_coef=cfg.kl_coef,
+            coef = self.kl_coef_now
+            penalty = A.kl_reward_penalty(full_old, full_ref, batch.response_mask, kl_coef=coef,
                                           kl_type=cfg.kl_type)
+            # verl's actor/reward_kl_penalty: the per-sequence token-mean KL, averaged over the batch.
+            mask = batch.response_mask.bool()
+            per_seq = (penalty / coef).sum(-1) / mask.sum(-1).clamp(min=1)
+            current = float(per_seq.mean())
+            self._reward_kl = {"actor/reward_kl_penalty": current, "actor/reward_kl_penalty_coeff": coef}
+            if cfg.kl_ctrl == "adaptive":
+                assert cfg.kl_target is not None
+                self.kl_coef_now = adaptive_kl_coef(coef, current, cfg.kl_target, batch.size, cfg.kl_horizon)
         # GAE whitens over the whole batch: every rank computes V for every row (rows are few).
         values = self._values(batch) if self.critic else None
         adv = self.advantages(batch, penalty, values)
@@ -275,6 +295,7 @@ class Trainer:
             metrics["critic/explained_var"] = (1.0 - float((returns - values)[mask].var()) / var_r
                                                if var_r > 0 else float("nan"))
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        metrics.update(self._reward_kl)
         tokens = float(p.batch.response_mask.sum() + p.batch.attention_mask.sum())
         metrics["timing_s/update"] = time.perf_counter() - t0
         metrics["perf/update_tokens_per_s"] = tokens * cfg.ppo_epochs / max(metrics["timing_s/update"], 1e-9)

@@ -220,3 +220,33 @@ def test_kl_to_the_base_is_measured_every_nth_step_when_it_is_only_a_metric(tiny
     assert ["actor/kl" in trainer.step(batch) for _ in range(7)] == [True, False, False, True, False, False, True]
     with_kl = Trainer(policy, AlgoConfig(lr=1e-2, kl_coef=0.01, log_kl_every=3))  # in the loss: every step
     assert all("actor/kl" in with_kl.step(batch) for _ in range(3))
+
+
+def test_adaptive_kl_in_the_reward_moves_its_coefficient_by_verls_rule(tiny_model):
+    """kl_ctrl = adaptive (verl's algorithm.kl_ctrl.type=adaptive): each step reports the batch's
+    mean per-sequence KL and the coefficient it used; the next step's coefficient is
+    coef * (1 + clip(kl / target - 1, -0.2, 0.2) * sequences / horizon)."""
+    from services.learner.batch import collate
+    from services.learner.config import AlgoConfig, ModelConfig
+    from services.learner.policy import Policy
+    from services.learner.trainer import Trainer
+
+    torch.manual_seed(0)
+    batch = collate(synthetic_groups())
+    policy = Policy(ModelConfig(path=str(tiny_model), lora_rank=8, lora_alpha=16))
+    cfg = AlgoConfig(lr=5e-2, kl_in_reward=True, kl_coef=0.05, kl_type="k1", kl_ctrl="adaptive",
+                     kl_target=1e-6, kl_horizon=100)
+    trainer = Trainer(policy, cfg)
+    first = trainer.step(batch)
+    assert first["actor/reward_kl_penalty_coeff"] == 0.05
+    assert first["actor/reward_kl_penalty"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts as the base
+    for _ in range(3):
+        m = trainer.step(batch)
+    coef, kl = m["actor/reward_kl_penalty_coeff"], m["actor/reward_kl_penalty"]
+    assert kl > 2e-6  # the policy moved away from the base: above target, so the coefficient rises
+    error = min(max(kl / 1e-6 - 1, -0.2), 0.2)
+    assert trainer.kl_coef_now == pytest.approx(coef * (1 + error * batch.size / 100), rel=1e-9)
+    assert trainer.kl_coef_now > coef > 0.05 * 0.9
+    fixed = Trainer(policy, cfg.model_copy(update={"kl_ctrl": "fixed"}))
+    fixed.step(batch)
+    assert fixed.kl_coef_now == 0.05

@@ -110,3 +110,16 @@ def test_every_row_goes_to_one_rank_and_one_micro_batch(size: int, world: int, m
             assert torch.equal(torch.cat(parts) if parts else local, local)
             seen += shard[local].tolist()
     assert sorted(seen) == rows.tolist()
+
+
+def test_adaptive_kl_controller_arithmetic_and_settings():
+    from services.learner.trainer import adaptive_kl_coef
+
+    # 1 + clip(0.2 / 0.1 - 1 = 1, -0.2, 0.2) * 256 / 10000 = 1.00512
+    assert adaptive_kl_coef(0.1, 0.2, 0.1, 256, 10000) == pytest.approx(0.1 * 1.00512, rel=1e-12)
+    # 1 + (0.09 / 0.1 - 1 = -0.1) * 256 / 10000 = 0.99744
+    assert adaptive_kl_coef(0.1, 0.09, 0.1, 256, 10000) == pytest.approx(0.1 * 0.99744, rel=1e-12)
+    assert adaptive_kl_coef(0.1, 0.0, 0.1, 100, 100) == pytest.approx(0.08)  # clipped at -0.2
+    with pytest.raises(ValueError, match="kl_ctrl = adaptive needs"):
+        AlgoConfig(kl_ctrl="adaptive", kl_target=0.1, kl_coef=0.1)  # not in the reward
+    AlgoConfig(kl_ctrl="adaptive", kl_target=0.1, kl_coef=0.1, kl_in_reward=True)

@@ -110,6 +110,11 @@ def test_grpo_and_ppo_keys():
     assert cfg.learner.nproc == 8 and cfg.run_dir == "runs/exp1"
     kl = _cfg("algorithm.use_kl_in_reward=True algorithm.kl_ctrl.kl_coef=0.005 algorithm.kl_penalty=kl")
     assert (kl.learner.algo.kl_in_reward, kl.learner.algo.kl_coef, kl.learner.algo.kl_type) == (True, 0.005, "k1")
+    ad = _cfg("algorithm.use_kl_in_reward=True algorithm.kl_ctrl.type=adaptive algorithm.kl_ctrl.target_kl=0.1 "
+              "algorithm.kl_ctrl.horizon=10000").learner.algo
+    assert (ad.kl_ctrl, ad.kl_target, ad.kl_horizon, ad.kl_coef, ad.kl_in_reward) == ("adaptive", 0.1, 10000, 0.001, True)
+    with pytest.raises(SystemExit, match="kl_ctrl = adaptive needs"):  # verl applies it to the in-reward KL only
+        _cfg("algorithm.kl_ctrl.type=adaptive algorithm.kl_ctrl.target_kl=0.1")
     assert _cfg("algorithm.norm_adv_by_std_in_grpo=False").learner.algo.advantage == "dr_grpo"
     assert _cfg("actor_rollout_ref.actor.clip_ratio=0.3").learner.algo.clip_high == 0.3
     for verl_kl, ours in (("low_var_kl+", "k3+"), ("kl+", "k1+"), ("abs", "abs"), ("mse+", "k2")):
@@ -118,7 +123,7 @@ def test_grpo_and_ppo_keys():
     for bad, why in (("actor_rollout_ref.actor.use_kl_loss=True algorithm.use_kl_in_reward=True", "choose one"),
                      ("data.train_batch_size=30 actor_rollout_ref.actor.ppo_mini_batch_size=8", "not a multiple"),
                      ("trainer.n_gpus_per_node=2 actor_rollout_ref.actor.fsdp_config.fsdp_size=4", "fsdp_size=4"),
-                     ("algorithm.kl_ctrl.type=adaptive", "adaptive KL"),
+                     ("algorithm.kl_ctrl.type=pid", "kl_ctrl.type"),
                      ("trainer.test_freq=5", "validation")):
         with pytest.raises(VerlError, match=why):
             translate(split_command(bad))
