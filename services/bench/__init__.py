@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "RL update tok/s and peak memory: LoRA (ref = adapter off) vs full fine-tuning + a reference copy"),
     "update": ("services.bench.update",
                "the learner's update on the demo batch (Policy + Trainer) vs a plain peft + torch loop, same threads"),
+    "publish": ("services.bench.publish",
+                "learner memory at publish: LoRA-only gather vs the full state dict, 1 vs N ranks, CPU offload"),
     "all": ("services.bench.all",
             "every benchmark above (but traffic), one at a time, and docs/benchmarks.md with their tables and plots"),
 }

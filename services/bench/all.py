@@ -47,6 +47,7 @@ STEPS = [
          ["--workload", "heavy", "--steps", "2", "--work-dir", "{dir}/work-peers"],
          pngs=["reward-vs-time-heavy.png"]),
     Step("learner", "learner", "the learner's update: LoRA (reference = adapter off) vs full fine-tuning"),
+    Step("publish", "publish", "learner memory at publish (LoRA-only gather vs full state dict), 1 vs 2 ranks, CPU offload"),
     Step("update", "update", "the learner's update on the demo batch vs a plain peft + torch loop, same threads"),
     Step("rollout", "rollout", "rollout engine tok/s with 0/1/8 adapters, and publish-to-served hot-load latency"),
     Step("broker", "broker", "broker publish/fetch MB/s against raw Redis, watch latency"),

@@ -132,7 +132,9 @@ class Policy:
         if self.cfg.mixed_precision:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.cfg.cpu_offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
+            # Pinned host memory needs an accelerator; without one (CPU runs, tests) the offload
+            # code path still runs, unpinned.
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         for layer in self.decoder_layers():
             fully_shard(layer, **kw)
         fully_shard(self.root, **kw)

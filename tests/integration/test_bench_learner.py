@@ -87,3 +87,24 @@ def test_bench_learner_settings_reach_both_setups(tmp_path: Path) -> None:
         assert r[s]["gradient_checkpointing"] is True and r[s]["malloc_env"] == {}
     # Micro-batching and checkpointing leave the update's math alone.
     assert abs(r["lora"]["first_update"]["loss"] - r["full"]["first_update"]["loss"]) < 1e-5
+
+
+def test_bench_publish_quick_gathers_the_lora_tensors_only(tmp_path):
+    """The publish bench on the tiny shape, 1 and 2 ranks, with and without FSDP2 CPU offload
+    (its code path on CPU: unpinned): every setting runs, and the adapter gathered for a publish
+    is the LoRA tensors alone (a small part of the full state dict)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "publish.json"
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", "publish", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [(s["ranks"], s["offload"]) for s in r["settings"]] == [(1, False), (2, False), (1, True), (2, True)]
+    for s in r["settings"]:
+        assert "error" not in s, s.get("error")
+        assert len(s["per_rank"]) == s["ranks"]
+        for pr in s["per_rank"]:
+            assert 0 < pr["adapter_mb"] < pr["full_state_mb"] / 2
