@@ -206,6 +206,8 @@ def _train_files(t: Translation, v: Any) -> None:
     if len(files) != 1 or not isinstance(files[0], str):
         raise ValueError(f"one training file is supported here, got {v!r}")
     t.set("learner.data.dataset", files[0])
+    if t.get("learner.data.reward_fn") is None:  # verl scores by data_source unless told otherwise
+        t.set("learner.data.reward_fn", "by_data_source")
 
 
 def _unsupported(why: str) -> Callable[[Translation, Any], None]:

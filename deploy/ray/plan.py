@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-config", help="learner TOML (as for `loraloop learner`)")
     p.add_argument("--rollout-config", help="rollout TOML (as for `loraloop rollout`)")
     p.add_argument("--broker-config", help="broker TOML (as for `loraloop broker`)")
+    p.add_argument("--verl-file", help="a verl command line (as for `loraloop up --verl-file`): its learner and "
+                                       "rollout settings, under the --learner./--rollout. flags")
     g = p.add_argument_group("placement")
     g.add_argument("--rollouts", type=int, default=1, help="rollout replicas (default 1)")
     g.add_argument("--rollout-gpus", type=float, default=0.0, help="GPUs per rollout replica (0 on CPU; default 0)")
@@ -155,12 +157,29 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
             raise SystemExit(f"{section} settings (--{section}.KEY=VALUE): {e}") from None
         return cfg.model_dump(mode="json")
 
-    learner_base: dict[str, Any] = {"model": {"path": model}, "run_dir": str(run_dir)}
+    verl: dict[str, Any] = {}
+    if args.verl_file:
+        from services.verl import VerlError, read_file, split_command, translate
+
+        try:
+            tr = translate(split_command(read_file(args.verl_file)))
+        except VerlError as e:
+            raise SystemExit(f"--verl-file {args.verl_file}: {e}") from None
+        verl = tr.overrides
+        for note in dict.fromkeys(tr.notes):
+            print(f"verl: {note}", flush=True)
+        for key in sorted(set(verl) - {"learner", "rollout"}):
+            print(f"verl: {key} is a `loraloop up` setting; the Ray launcher does not apply it", flush=True)
+        if "nproc" in verl.get("learner", {}):
+            print(f"verl: learner ranks are --learner-nproc here ({args.learner_nproc}); the command asked for "
+                  f"{verl['learner']['nproc']}", flush=True)
+    learner_base: dict[str, Any] = merge(verl.get("learner", {}), {"model": {"path": model}, "run_dir": str(run_dir)})
     if args.steps is not None:
         learner_base["steps"] = args.steps
     learner = config(LearnerConfig, args.learner_config, learner_base, "learner", LEARNER_ALIASES)
     learner["nproc"] = args.learner_nproc
-    rollout = config(RolloutConfig, args.rollout_config, {"engine": {"model": model}}, "rollout", ROLLOUT_ALIASES)
+    rollout = config(RolloutConfig, args.rollout_config, merge(verl.get("rollout", {}), {"engine": {"model": model}}),
+                     "rollout", ROLLOUT_ALIASES)
     broker = config(BrokerConfig, args.broker_config, {}, "broker", BROKER_ALIASES)
     if args.redis_url:
         broker["redis"]["url"] = args.redis_url

@@ -3,7 +3,8 @@
 A reward function is `compute_score(data_source, solution_str, ground_truth, extra_info=None)`
 returning a number or a dict with a `score` key (other keys are logged), as in verl's
 `verl/utils/reward_score`, so a verl reward file plugs in as `module:function`. Built-ins:
-`arithmetic` (the tiny task), `gsm8k` and `math`.
+`arithmetic` (the tiny task), `gsm8k`, `math`, and `by_data_source` (verl's default: the
+scorer of each row's data_source).
 
 `score()` turns whatever the function does into a `RewardResult`: an exception, a NaN, or a
 return value of the wrong shape becomes an error on that one sample with score 0.0, because
@@ -218,8 +219,27 @@ def _math_number(s: str) -> Fraction | None:
     return sign * Fraction(num) / Fraction(den)
 
 
+# verl's default_compute_score picks the scorer by the row's data_source; these are the
+# sources whose scorers exist here.
+VERL_SOURCES: dict[str, RewardFn] = {
+    "openai/gsm8k": gsm8k,
+    "lighteval/MATH": math_answer, "DigitalLearningGmbH/MATH-lighteval": math_answer,
+    "HuggingFaceH4/MATH-500": math_answer,
+}
+
+
+def by_data_source(data_source: str, solution_str: str, ground_truth: str,
+                   extra_info: dict[str, Any] | None = None) -> float:
+    """verl's default reward (no custom_reward_function): the scorer of the row's data_source."""
+    fn = VERL_SOURCES.get(data_source)
+    if fn is None:
+        raise ValueError(f"no built-in reward for data_source {data_source!r} (built in: "
+                         f"{', '.join(VERL_SOURCES)}); give custom_reward_function")
+    return fn(data_source, solution_str, ground_truth, extra_info)
+
+
 BUILTINS: dict[str, RewardFn] = {"arithmetic": arithmetic_exact, "arithmetic_prefix": arithmetic_prefix,
-                                 "gsm8k": gsm8k, "math": math_answer}
+                                 "gsm8k": gsm8k, "math": math_answer, "by_data_source": by_data_source}
 
 
 def load_reward_fn(spec: str) -> RewardFn:

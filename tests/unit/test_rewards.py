@@ -233,7 +233,18 @@ def test_load_builtins():
     assert load_reward_fn("arithmetic") is arithmetic_exact
     assert load_reward_fn("gsm8k") is gsm8k
     assert load_reward_fn(" math ") is math_answer
-    assert set(BUILTINS) == {"arithmetic", "arithmetic_prefix", "gsm8k", "math"}
+    assert set(BUILTINS) == {"arithmetic", "arithmetic_prefix", "gsm8k", "math", "by_data_source"}
+
+
+def test_by_data_source_scores_as_verls_default_does():
+    """verl's default_compute_score: the scorer is chosen by the row's data_source."""
+    f = load_reward_fn("by_data_source")
+    assert score(f, "openai/gsm8k", "so #### 72", "72").score == 1.0
+    assert score(f, "openai/gsm8k", "so #### 71", "72").score == 0.0
+    assert score(f, "lighteval/MATH", "the answer is \\boxed{3/4}", "\\frac{3}{4}").score == \
+        score(math_answer, "lighteval/MATH", "the answer is \\boxed{3/4}", "\\frac{3}{4}").score
+    unknown = score(f, "my/dataset", "x", "y")
+    assert unknown.score == 0.0 and "no built-in reward for data_source 'my/dataset'" in unknown.error
 
 
 def test_arithmetic_prefix_scores_the_answer_where_a_full_length_response_starts():

@@ -167,3 +167,22 @@ def test_use_shm_copies_once_reuses_and_falls_back(tmp_path: Path, monkeypatch, 
     monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 100})())
     (model / "config.json").write_text('{"changed": 2}')
     assert model_in_shm(model, root) == model and "does not fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-72b-lora-8x80gb.sh", "qwen2.5-3b-gsm8k-lora.sh"])
+def test_the_examples_translate(name: str, tmp_path: Path):
+    """examples/verl: each command translates whole (the training file swapped for a local one,
+    since total_epochs counts its rows)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"prompt": "q", "answer": "a", "data_source": "openai/gsm8k"}\n' for _ in range(7473)))
+    text = (Path(__file__).resolve().parents[2] / "examples" / "verl" / name).read_text()
+    cfg = _cfg(text.replace("/data/gsm8k/train.parquet", str(data)))
+    assert cfg.learner.data.dataset == str(data) and cfg.learner.data.reward_fn == "by_data_source"
+    assert cfg.model.startswith("/models/Qwen2.5-") and cfg.model_shm
+    if "3b" in name:
+        a = cfg.learner.algo
+        assert (cfg.learner.model.lora_rank, a.kl_coef, a.kl_type, a.mini_batches) == (64, 0.001, "k3", 1)
+        assert cfg.learner.steps == 15 * (7473 // 16) and cfg.rollout.engine.tensor_parallel_size == 2
+        assert cfg.rollout.engine.max_model_len == 512 + 1024
+    else:
+        assert cfg.learner.nproc == 8 and cfg.learner.model.cpu_offload and cfg.learner.steps == 500
