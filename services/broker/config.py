@@ -25,6 +25,9 @@ class RegistryConfig(Section):
     as their bytes arrive, so rollout servers load a version while its commit is made durable;
     each relayed upload holds a second copy of its bytes in the broker's memory until it ends.
     0 = off."""
+    relay_grace_s: float = Field(10.0, ge=0)
+    """How long an ended relayed upload stays fetchable (FetchStaged), for followers that ask
+    late; at most relay_max_bytes of them are kept."""
     events_maxlen: int = Field(100_000, ge=1000)
     """Approximate length cap of each adapter's event stream (watch replays from it)."""
 

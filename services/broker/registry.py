@@ -134,11 +134,15 @@ class Staged:
 
 
 class StagedRelay:
-    """Uploads in progress on this broker, by sha256, and the watches that want them."""
+    """Uploads in progress on this broker, by sha256, and the watches that want them. An
+    upload that has ended stays fetchable for `grace_s` (its bytes and how it ended), so a
+    follower that asks late -- its event loop busy, say -- still loads from the relay; at most
+    `max_bytes` of ended uploads are kept, the oldest dropped first."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, grace_s: float = 10.0) -> None:
+        self.max_bytes, self.grace_s = max_bytes, grace_s
         self.by_sha: dict[str, Staged] = {}
+        self._ended: dict[str, Staged] = {}  # insertion order = the order they ended
         self._subs: set[tuple[frozenset[str], asyncio.Queue]] = set()
 
     def subscribe(self, names: frozenset[str], q: asyncio.Queue) -> tuple[frozenset[str], asyncio.Queue]:
@@ -155,8 +159,11 @@ class StagedRelay:
     def begin(self, record: AdapterVersion, received: bytes) -> Staged | None:
         """Stage an upload whose header has checked (None: too large, or the same bytes are
         being uploaded already)."""
-        if record.size_bytes > self.max_bytes or record.sha256 in self.by_sha:
+        current = self.by_sha.get(record.sha256)
+        if record.size_bytes > self.max_bytes or (current is not None and current.outcome is None):
             return None
+        if current is not None:  # the same bytes again, after an upload of them ended
+            self._drop(record.sha256)
         st = Staged(record)
         st.append(received)
         self.by_sha[record.sha256] = st
@@ -167,8 +174,23 @@ class StagedRelay:
 
     def finish(self, st: Staged, outcome: AdapterVersion | Exception) -> None:
         st.end(outcome)
-        if self.by_sha.get(st.record.sha256) is st:
-            del self.by_sha[st.record.sha256]
+        sha = st.record.sha256
+        if self.by_sha.get(sha) is not st:
+            return
+        self._ended.pop(sha, None)
+        self._ended[sha] = st
+        while self._ended and sum(x.record.size_bytes for x in self._ended.values()) > self.max_bytes:
+            self._drop(next(iter(self._ended)))
+        if sha in self._ended:
+            asyncio.get_running_loop().call_later(self.grace_s, self._drop, sha, st)
+
+    def _drop(self, sha: str, st: Staged | None = None) -> None:
+        ended = self._ended.get(sha)
+        if ended is None or (st is not None and ended is not st):
+            return
+        del self._ended[sha]
+        if self.by_sha.get(sha) is ended:
+            del self.by_sha[sha]
 
 
 class Upload:
@@ -348,7 +370,7 @@ class AdapterRegistry:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._pin = redis.register_script(scripts.PIN)
         self._uploads = 0
-        self.relay = StagedRelay(cfg.relay_max_bytes) if cfg.relay_max_bytes > 0 else None
+        self.relay = StagedRelay(cfg.relay_max_bytes, cfg.relay_grace_s) if cfg.relay_max_bytes > 0 else None
 
     @classmethod
     def from_config(cls, redis_cfg: RedisConfig, cfg: RegistryConfig, password: str | None) -> AdapterRegistry:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import queue
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -187,3 +188,21 @@ def test_relay_off_announces_nothing_and_publish_is_unchanged(broker_factory):
     finally:
         stream.close()
         client.close()
+
+
+def test_a_late_follower_still_gets_an_ended_upload_for_the_grace_period(broker_factory, tmp_path: Path):
+    """A follower whose STAGED event was handled late (its loop busy) asks after the commit:
+    within relay_grace_s it still gets the bytes and the committed record; after it, NotFound
+    (and it loads from the PUBLISHED event as usual)."""
+    b = broker_factory("--registry.relay_grace_s=1.5")
+    with BrokerClient(b.target, TOKENS["learner"]) as c:
+        epoch, _ = c.acquire_publisher("late")
+        config, data = make_adapter(seed=6)
+        rec, _ = c.publish_bytes("late", epoch, config, data, FP)
+    sha = hashlib.sha256(data).hexdigest()
+    with BrokerClient(b.target, TOKENS["rollout"]) as r:
+        got = r.fetch_staged(sha, tmp_path / "w")
+        assert got.version == rec.version == 1 and (tmp_path / "w").read_bytes() == data
+        time.sleep(2.0)
+        with pytest.raises(NotFound):
+            r.fetch_staged(sha, tmp_path / "w2")
