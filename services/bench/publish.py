@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def worker(spec: dict) -> None:
+    import ctypes
+    import gc
+
     import torch
     import torch.distributed as dist
 
@@ -81,6 +84,8 @@ def worker(spec: dict) -> None:
     def peak_of(fn):
         if dist.is_initialized():
             dist.barrier()
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what earlier steps freed goes back first
         reset_peak()
         before = proc_status()["VmRSS"]
         t = time.perf_counter()
@@ -126,7 +131,12 @@ def run_setting(model: Path, ranks: int, offload: bool, workdir: Path, timeout: 
     else:  # FSDP2 needs a process group, even for one rank with offload
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                f"--master_port={free_port()}", *mod]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from services.common import memory
+
+    # As `loraloop learner` runs (learner.release_freed_memory): blocks over 4 MB are mapped
+    # apart and go back to the kernel when freed. Otherwise a step reuses what the one before
+    # it freed and its own rise reads as ~0.
+    env = {**os.environ, **memory.ENV, "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
