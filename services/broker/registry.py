@@ -98,9 +98,6 @@ class Staged:
         self.outcome: AdapterVersion | Exception | None = None
         self._changed = asyncio.Event()
 
-    def changed(self) -> asyncio.Event:
-        return self._changed
-
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -572,9 +569,7 @@ class AdapterRegistry:
             async for rec, live in self._watch_committed(after, block_ms):
                 yield "published", rec, live
             return
-        for n in after:
-            validate_name(n)
-        q: asyncio.Queue = asyncio.Queue()
+        q: asyncio.Queue = asyncio.Queue()  # names are checked by _watch_committed, in pump
         sub = self.relay.subscribe(frozenset(after), q)
 
         async def pump() -> None:

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common import events, scratch
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -272,19 +272,33 @@ class AdapterManager:
             self._notify()
             log.error("refused adapter %s: %s", record.ref, e)
             raise AdapterRefused(str(e)) from None
+        t2 = time.perf_counter()
+        return await self._install(record, handle, fetch_s + t2 - t0, fetch_ms=fetch_s * 1e3,
+                                   check_cache_ms=(t1 - t0) * 1e3, engine_ms=(t2 - t1) * 1e3)
+
+    async def _install(self, record: AdapterVersion, handle: LoraHandle, load_s: float,
+                       **timings: Any) -> LoadedVersion:
+        """Serve `handle` (in the engine already) as `record`'s version: its load event (with
+        `timings`; floats are ms, rounded) and metric, then eviction beyond capacity."""
+        key = (record.name, record.version)
         lv = LoadedVersion(record, handle, last_used=time.monotonic())
         self.loaded[key] = lv
         self.loads += 1
         self._notify()
-        t2 = time.perf_counter()
         events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
-                    lora_id=handle.lora_id, size_bytes=record.size_bytes, fetch_ms=round(fetch_s * 1e3, 3),
-                    check_cache_ms=round((t1 - t0) * 1e3, 3), engine_ms=round((t2 - t1) * 1e3, 3))
+                    lora_id=handle.lora_id, size_bytes=record.size_bytes,
+                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
         if self.observer is not None:
-            self.observer.adapter_loaded(record.name, fetch_s + t2 - t0, swap=key in self.evicted)
+            self.observer.adapter_loaded(record.name, load_s, swap=key in self.evicted)
         self.evicted.discard(key)
         await self._evict_beyond_capacity(keep=key)
         return lv
+
+    async def _discard(self, handle: LoraHandle) -> None:
+        """Take a load no version uses out of the engine and the cache."""
+        with contextlib.suppress(Exception):
+            await self.engine.remove_lora(handle)
+        shutil.rmtree(handle.path, ignore_errors=True)
 
     def _check_and_cache(self, record: AdapterVersion, fetched_to: Path, lora_id: int) -> Path:
         """Check the fetched bytes and move them to the cache directory of this load. Each load
@@ -371,28 +385,17 @@ class AdapterManager:
             fetch.cancel()
             log.info("staged load of %s (%s…) dropped: %s", staged.name, staged.sha256[:12], e)
             if handle is not None:
-                with contextlib.suppress(Exception):
-                    await self.engine.remove_lora(handle)
-                shutil.rmtree(handle.path, ignore_errors=True)
+                await self._discard(handle)
             return
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # moved into the cache unless it failed
         key = (record.name, record.version)
         if key in self.loaded or key in self._loading or key in self.refused:  # loaded another way meanwhile
-            await self.engine.remove_lora(handle)
-            shutil.rmtree(handle.path, ignore_errors=True)
+            await self._discard(handle)
             return
-        lv = LoadedVersion(record, LoraHandle(record.ref, lora_id, handle.path), last_used=time.monotonic())
-        self.loaded[key] = lv
-        self.loads += 1
-        self._notify()
-        events.emit(log, ADAPTER_LOADED, adapter=record.ref, name=record.name, version=record.version,
-                    lora_id=lora_id, size_bytes=record.size_bytes, fetch_ms=round((t1 - t0) * 1e3, 3),
-                    check_cache_ms=round((t2 - t1) * 1e3, 3), engine_ms=round((t3 - t2) * 1e3, 3),
-                    staged=True, commit_wait_ms=round((t4 - t3) * 1e3, 3))
-        if self.observer is not None:
-            self.observer.adapter_loaded(record.name, t3 - t0, swap=False)
-        await self._evict_beyond_capacity(keep=key)
+        await self._install(record, LoraHandle(record.ref, lora_id, handle.path), t3 - t0,
+                            fetch_ms=(t1 - t0) * 1e3, check_cache_ms=(t2 - t1) * 1e3,
+                            engine_ms=(t3 - t2) * 1e3, staged=True, commit_wait_ms=(t4 - t3) * 1e3)
         await self._make_latest(record)
 
     # ------------------------------------------------------------ following
