@@ -208,8 +208,8 @@ class _Group:
     samples: list[_Sample] = field(default_factory=list)
 
 
-def synthetic_batch(wl: Workload, seed: int = 0) -> Batch:
-    """Groups of GROUP_SIZE samples, random character tokens (ids 3..14 of the tiny models'
+def synthetic_batch(wl: Workload, seed: int = 0, group_size: int = GROUP_SIZE) -> Batch:
+    """Groups of `group_size` samples, random character tokens (ids 3..14 of the tiny models'
     vocabulary), behaviour log-probs in (-3, 0], 0/1 rewards that differ within every group."""
     import torch
 
@@ -218,11 +218,11 @@ def synthetic_batch(wl: Workload, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     resp = wl.tokens - wl.prompt
     groups = []
-    for k in range(wl.seqs // GROUP_SIZE):
+    for k in range(wl.seqs // group_size):
         prompt = [1, *torch.randint(3, 15, (wl.prompt - 1,), generator=g).tolist()]
         samples = [_Sample(torch.randint(3, 15, (resp,), generator=g).tolist(),
                            (-torch.rand(resp, generator=g) * 3).tolist(), float((j + k) % 3 == 0))
-                   for j in range(GROUP_SIZE)]
+                   for j in range(group_size)]
         groups.append(_Group(prompt, samples))
     return collate(groups, pad_id=0)
 

@@ -47,23 +47,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def demo_batch(groups: int = 32, samples: int = 8, prompt: int = 5, response: int = 3, seed: int = 0):
-    """A batch shaped like the demo's: random character tokens (ids 3..14), behaviour
-    log-probs in (-3, 0], 0/1 rewards that differ within every group."""
-    import torch
+    """A batch shaped like the demo's (bench learner's synthetic batch, groups of `samples`)."""
+    from services.bench.learner import Workload, synthetic_batch
 
-    from services.bench.learner import _Group, _Sample
-    from services.learner.batch import collate
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(groups):
-        group = _Group([1, *torch.randint(3, 15, (prompt - 1,), generator=g).tolist()])
-        for j in range(samples):
-            group.samples.append(_Sample(torch.randint(3, 15, (response,), generator=g).tolist(),
-                                         (-torch.rand(response, generator=g) * 3).tolist(),
-                                         float((j + k) % 3 == 0)))
-        out.append(group)
-    return collate(out, pad_id=0)
+    seqs = groups * samples
+    return synthetic_batch(Workload(seqs=seqs, tokens=prompt + response, prompt=prompt, micro_batch=seqs),
+                           seed=seed, group_size=samples)
 
 
 class PlainLoop:
