@@ -210,6 +210,13 @@ def _train_files(t: Translation, v: Any) -> None:
         t.set("learner.data.reward_fn", "by_data_source")
 
 
+def _keep(name: str, conv: Callable[[Any], Any]) -> Callable[[Translation, Any], None]:
+    """Keep the value for `_combine`: keys that only mean something together."""
+    def rule(t: Translation, v: Any) -> None:
+        t.given[name] = conv(v)
+    return rule
+
+
 def _unsupported(why: str) -> Callable[[Translation, Any], None]:
     def rule(t: Translation, v: Any) -> None:
         raise ValueError(why)
@@ -223,7 +230,7 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     "data.train_batch_size": _to("learner.data.groups_per_step", _pos_int),
     "data.train_files": _train_files,
     "data.max_response_length": _to("learner.data.max_tokens", _pos_int),
-    "data.max_prompt_length": lambda t, v: t.given.__setitem__("data.max_prompt_length", _pos_int(v)),
+    "data.max_prompt_length": _keep("data.max_prompt_length", _pos_int),
     "data.shuffle": _note("data.shuffle: prompts are always shuffled, by learner.data.seed"),
     "data.seed": _to("learner.data.seed", int),
     "data.val_files": _unsupported("a validation set (data.val_files, trainer.test_freq) is not supported yet"),
@@ -253,17 +260,17 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     ACTOR + "optim.lr": _to("learner.algo.lr", _num),
     ACTOR + "optim.weight_decay": _to("learner.algo.weight_decay", _num),
     ACTOR + "optim.lr_warmup_steps": lambda t, v: t.set("learner.algo.warmup_steps", max(0, int(v))),
-    ACTOR + "optim.lr_warmup_steps_ratio": lambda t, v: t.given.__setitem__("lr_warmup_steps_ratio", _num(v)),
+    ACTOR + "optim.lr_warmup_steps_ratio": _keep("lr_warmup_steps_ratio", _num),
     ACTOR + "grad_clip": _to("learner.algo.grad_clip", _num),
-    ACTOR + "fsdp_config.fsdp_size": lambda t, v: t.given.__setitem__("fsdp_size", int(v)),
+    ACTOR + "fsdp_config.fsdp_size": _keep("fsdp_size", int),
     ACTOR + "fsdp_config.param_offload": _offload,
     ACTOR + "fsdp_config.optimizer_offload": _offload,
     ACTOR + "ulysses_sequence_parallel_size": _only(1, "actor.ulysses_sequence_parallel_size=1: no sequence "
                                                     "parallelism, as here", "sequence parallelism is not supported"),
     ACTOR + "use_dynamic_bsz": _only(False, "actor.use_dynamic_bsz=False: fixed micro-batches, as here",
                                      "dynamic batch sizes (use_dynamic_bsz=True) are not supported"),
-    ACTOR + "use_kl_loss": lambda t, v: t.given.__setitem__("use_kl_loss", _bool(v)),
-    ACTOR + "kl_loss_coef": lambda t, v: t.given.__setitem__("kl_loss_coef", _num(v)),
+    ACTOR + "use_kl_loss": _keep("use_kl_loss", _bool),
+    ACTOR + "kl_loss_coef": _keep("kl_loss_coef", _num),
     ACTOR + "kl_loss_type": _to("learner.algo.kl_type", _kl_type),
     ACTOR + "clip_ratio": _clip,
     ACTOR + "clip_ratio_low": _to("learner.algo.clip_low", _num),
@@ -271,7 +278,7 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     ACTOR + "clip_ratio_c": _to("learner.algo.dual_clip_c", _num),
     ACTOR + "loss_agg_mode": _to("learner.algo.loss_agg", _choice(_AGG, "loss_agg_mode")),
     ACTOR + "entropy_coeff": _to("learner.algo.entropy_coef", _num),
-    ACTOR + "ppo_mini_batch_size": lambda t, v: t.given.__setitem__("ppo_mini_batch_size", _pos_int(v)),
+    ACTOR + "ppo_mini_batch_size": _keep("ppo_mini_batch_size", _pos_int),
     ACTOR + "ppo_micro_batch_size_per_gpu": _to("learner.algo.micro_batch_size", _pos_int),
     ACTOR + "ppo_micro_batch_size": _unsupported("give actor.ppo_micro_batch_size_per_gpu (verl deprecated "
                                                  "the global micro-batch size)"),
@@ -306,10 +313,10 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
                                  "only hybrid_engine=True command lines are translated"),
     # algorithm
     "algorithm.adv_estimator": _to("learner.algo.advantage", _choice(_ADV, "adv_estimator")),
-    "algorithm.norm_adv_by_std_in_grpo": lambda t, v: t.given.__setitem__("norm_adv_by_std_in_grpo", _bool(v)),
-    "algorithm.use_kl_in_reward": lambda t, v: t.given.__setitem__("use_kl_in_reward", _bool(v)),
+    "algorithm.norm_adv_by_std_in_grpo": _keep("norm_adv_by_std_in_grpo", _bool),
+    "algorithm.use_kl_in_reward": _keep("use_kl_in_reward", _bool),
     "algorithm.kl_penalty": _to("learner.algo.kl_type", _kl_type),
-    "algorithm.kl_ctrl.kl_coef": lambda t, v: t.given.__setitem__("kl_ctrl.kl_coef", _num(v)),
+    "algorithm.kl_ctrl.kl_coef": _keep("kl_ctrl.kl_coef", _num),
     "algorithm.kl_ctrl.type": _to("learner.algo.kl_ctrl", _choice(("fixed", "adaptive"), "kl_ctrl.type")),
     "algorithm.kl_ctrl.target_kl": _to("learner.algo.kl_target", _num),
     "algorithm.kl_ctrl.horizon": _to("learner.algo.kl_horizon", _pos_int),
@@ -318,19 +325,19 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     "critic.optim.lr": _to("learner.algo.critic_lr", _num),
     # reward
     "custom_reward_function.path": _reward_path,
-    "custom_reward_function.name": lambda t, v: t.given.__setitem__("custom_reward_function.name", str(v)),
+    "custom_reward_function.name": _keep("custom_reward_function.name", str),
     "reward_model.enable": _only(False, "reward_model.enable=False: rewards are functions, as here",
                                  "reward models are not supported (use custom_reward_function)"),
     # trainer
     "trainer.total_training_steps": _to("learner.steps", _pos_int),
-    "trainer.total_epochs": lambda t, v: t.given.__setitem__("total_epochs", _pos_int(v)),
-    "trainer.save_freq": lambda t, v: t.given.__setitem__("save_freq", int(v)),
+    "trainer.total_epochs": _keep("total_epochs", _pos_int),
+    "trainer.save_freq": _keep("save_freq", int),
     "trainer.test_freq": lambda t, v: (_unsupported("a validation pass (trainer.test_freq) is not supported yet")(t, v)
                                        if int(v) > 0 else None),
     "trainer.val_before_train": lambda t, v: (_unsupported("a validation pass (val_before_train) is not "
                                                            "supported yet")(t, v) if _bool(v) else None),
-    "trainer.n_gpus_per_node": lambda t, v: t.given.__setitem__("n_gpus_per_node", _pos_int(v)),
-    "trainer.nnodes": lambda t, v: t.given.__setitem__("nnodes", _pos_int(v)),
+    "trainer.n_gpus_per_node": _keep("n_gpus_per_node", _pos_int),
+    "trainer.nnodes": _keep("nnodes", _pos_int),
     "trainer.experiment_name": lambda t, v: t.set("run_dir", f"runs/{v}"),
     "trainer.project_name": _note("trainer.project_name: runs are told apart by their run dir"),
     "trainer.logger": _note("trainer.logger: metrics go to <run_dir>/metrics.jsonl and TensorBoard events"),
