@@ -444,22 +444,18 @@ def split_stack_args(argv: list[str]) -> tuple[list[str], str | None, bool]:
 
 def load_stack_config(argv: list[str]) -> tuple[StackConfig, bool]:
     """The stack config from argv (help, CONFIG, verl keys, overrides) and whether to only print it."""
-    from services.common.config import load_config, merge, parse_overrides
     from services.verl import VerlError, split_command, translate
 
     argv, verl_text, print_config = split_stack_args(argv)
-    if any(a in ("-h", "--help") for a in argv) or verl_text is None:
-        cfg = config_cli(StackConfig, argv, "loraloop up", SUMMARY, ALIASES)
-        notes: list[str] = []
-    else:
+    notes: list[str] = []
+    under = None
+    if verl_text is not None and not any(a in ("-h", "--help") for a in argv):
         try:
             tr = translate(split_command(verl_text))
         except VerlError as e:
             raise SystemExit(f"loraloop up --verl: {e}") from None
-        path = argv[0] if argv and not argv[0].startswith("--") else None
-        explicit = parse_overrides(argv[1 if path else 0 :], ALIASES)
-        cfg = load_config(StackConfig, path, merge(tr.overrides, explicit))
-        notes = tr.notes
+        under, notes = tr.overrides, tr.notes
+    cfg = config_cli(StackConfig, argv, "loraloop up", SUMMARY, ALIASES, under=under)
     if print_config:
         header = "".join(f"# {n}\n" for n in dict.fromkeys(notes))
         print(header + ("\n" if header else "") + to_toml(cfg.model_dump()), end="")

@@ -194,8 +194,9 @@ def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | Non
 
 
 def config_cli(model: type[M], argv: list[str], prog: str, summary: str,
-               aliases: dict[str, str] | None = None) -> M:
-    """Parse `[CONFIG.toml] [--overrides]` for a service command; prints help on -h/--help."""
+               aliases: dict[str, str] | None = None, under: dict[str, Any] | None = None) -> M:
+    """Parse `[CONFIG.toml] [--overrides]` for a service command; prints help on -h/--help.
+    `under`: settings that apply above the file and below the overrides (e.g. a verl command's)."""
     if any(a in ("-h", "--help") for a in argv):
         alias_text = "".join(f"  --{a} is --{t}\n" for a, t in (aliases or {}).items())
         print(f"usage: {prog} [CONFIG.toml] [--section.key=value ...]\n\n{summary}\n\n"
@@ -203,4 +204,4 @@ def config_cli(model: type[M], argv: list[str], prog: str, summary: str,
               + "\n".join(describe(model)) + ("\n\naliases:\n" + alias_text if alias_text else ""))
         sys.exit(0)
     path = argv[0] if argv and not argv[0].startswith("--") else None
-    return load_config(model, path, parse_overrides(argv[1 if path else 0 :], aliases))
+    return load_config(model, path, merge(under or {}, parse_overrides(argv[1 if path else 0 :], aliases)))
