@@ -560,6 +560,17 @@ def staged_setup(tmp_path):
     return engine, broker, m
 
 
+async def _staged_in_engine(engine: FakeEngine, broker: FakeStagedBroker, m: AdapterManager,
+                            seed: int) -> AdapterVersion:
+    """Follow "p", publish a version of it, announce its upload and wait until the staged
+    load is in the engine; returns the version's record (not yet committed)."""
+    await m.follow("p")
+    rec = broker.publish("p", seed=seed)
+    m.on_staged(_staged(rec))
+    await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+    return rec
+
+
 async def _until(cond, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -571,10 +582,7 @@ def test_staged_load_is_not_served_until_committed_then_becomes_the_version(stag
     engine, broker, m = staged_setup
 
     async def scenario():
-        await m.follow("p")
-        rec = broker.publish("p", seed=1)
-        m.on_staged(_staged(rec))
-        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        rec = await _staged_in_engine(engine, broker, m, seed=1)
         # Loaded into the engine, but no request can have it: not a version yet.
         assert m.loaded == {} and "p" not in m.latest
         with pytest.raises(AdapterRefused):
@@ -597,10 +605,7 @@ def test_published_event_first_joins_the_staged_load(staged_setup):
     engine, broker, m = staged_setup
 
     async def scenario():
-        await m.follow("p")
-        rec = broker.publish("p", seed=2)
-        m.on_staged(_staged(rec))
-        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        rec = await _staged_in_engine(engine, broker, m, seed=2)
         published = asyncio.create_task(m.on_published(rec))  # arrives before the commit's answer
         await asyncio.sleep(0.05)
         assert not published.done()
@@ -616,10 +621,7 @@ def test_staged_load_whose_commit_fails_is_dropped(staged_setup, tmp_path):
     engine, broker, m = staged_setup
 
     async def scenario():
-        await m.follow("p")
-        rec = broker.publish("p", seed=3)
-        m.on_staged(_staged(rec))
-        await _until(lambda: any(c.startswith("add p@staged.") for c in engine.calls))
+        rec = await _staged_in_engine(engine, broker, m, seed=3)
         broker.commit(rec.sha256, FailedPrecondition("stale publisher epoch"))
         await _until(lambda: any(c.startswith("remove p@staged.") for c in engine.calls))
         await _until(lambda: not m._staged)
