@@ -90,6 +90,7 @@ class _Prepared:
     old_values: torch.Tensor | None = None  # V before the update (with a critic)
     batch_returns: torch.Tensor | None = None
     batch_values: torch.Tensor | None = None
+    reward_kl: dict[str, float] = field(default_factory=dict)  # in-reward KL and its coefficient, for the metrics
 
 
 @dataclass
@@ -198,7 +199,7 @@ class Trainer:
         # With KL in the reward, every rank needs every row's reference log-probs: rows are
         # few here, so all compute all.
         penalty = None
-        self._reward_kl: dict[str, float] = {}
+        reward_kl: dict[str, float] = {}
         if cfg.kl_in_reward and cfg.kl_coef > 0:
             full_old, full_ref = self._logprobs(batch), self._logprobs(batch, reference=True)
             coef = self.kl_coef_now
@@ -208,7 +209,7 @@ class Trainer:
             mask = batch.response_mask.bool()
             per_seq = (penalty / coef).sum(-1) / mask.sum(-1).clamp(min=1)
             current = float(per_seq.mean())
-            self._reward_kl = {"actor/reward_kl_penalty": current, "actor/reward_kl_penalty_coeff": coef}
+            reward_kl = {"actor/reward_kl_penalty": current, "actor/reward_kl_penalty_coeff": coef}
             if cfg.kl_ctrl == "adaptive":
                 assert cfg.kl_target is not None
                 self.kl_coef_now = adaptive_kl_coef(coef, current, cfg.kl_target, batch.size, cfg.kl_horizon)
@@ -219,7 +220,7 @@ class Trainer:
                                             "batch_returns": adv.returns, "batch_values": values}
         return _Prepared(batch=batch, local=local, old_logprobs=old_lp,
                          ref_logprobs=None if cfg.kl_in_reward else ref_lp, advantages=adv.advantages[mine],
-                         **critic)
+                         reward_kl=reward_kl, **critic)
 
     def _update(self, p: _Prepared) -> _Sums:
         """ppo_epochs passes over the batch in mini_batches chunks, one optimizer step each,
@@ -295,7 +296,7 @@ class Trainer:
             metrics["critic/explained_var"] = (1.0 - float((returns - values)[mask].var()) / var_r
                                                if var_r > 0 else float("nan"))
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
-        metrics.update(self._reward_kl)
+        metrics.update(p.reward_kl)
         tokens = float(p.batch.response_mask.sum() + p.batch.attention_mask.sum())
         metrics["timing_s/update"] = time.perf_counter() - t0
         metrics["perf/update_tokens_per_s"] = tokens * cfg.ppo_epochs / max(metrics["timing_s/update"], 1e-9)
