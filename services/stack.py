@@ -149,14 +149,15 @@ def model_in_shm(model: Path, root: Path = SHM_ROOT) -> Path:
     space, the model is used from where it is, and a message says why."""
     import hashlib
 
-    files = sorted(f for f in model.rglob("*") if f.is_file())
-    identity = json.dumps([[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    size = sum(f.stat().st_size for f in files)
+    stats = [(f, f.stat()) for f in sorted(model.rglob("*")) if f.is_file()]
+    identity = json.dumps([[str(f.relative_to(model)), st.st_size, st.st_mtime_ns] for f, st in stats])
+    size = sum(st.st_size for _, st in stats)
     if not root.is_dir():
         print(f"use_shm: {root} does not exist here; loading the model from {model}", flush=True)
         return model
-    dest = root / "loraloop-models" / (model.name + "-" + hashlib.sha256(
-        (str(model) + identity).encode()).hexdigest()[:12])
+    # One copy per source directory: a changed model replaces its copy (the marker tells),
+    # rather than leaving the old one in RAM beside a new one.
+    dest = root / "loraloop-models" / (model.name + "-" + hashlib.sha256(str(model).encode()).hexdigest()[:12])
     marker = dest / ".loraloop-shm.json"
     if marker.is_file() and marker.read_text() == identity:
         print(f"use_shm: reusing the copy of {model} in {dest}", flush=True)
