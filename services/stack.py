@@ -347,6 +347,15 @@ class _MetricsTail:
         return [json.loads(line) for line in complete.splitlines()]
 
 
+def val_line(row: dict) -> str:
+    """One line for a validation round's row (val_metrics.jsonl)."""
+    keys = [f"val/{mode}/{x}" for mode in ("greedy", "sampled") for x in ("reward/mean", "accuracy")]
+    keys += [k for k in row if k.startswith("val/sampled/pass@")]
+    versions = sorted({row["val/version_min"], row["val/version_max"]})
+    return (f"validation at step {row['step']} (v{'-'.join(map(str, versions))}, {row['val/prompts']} prompts, "
+            f"{row['val/seconds']:.1f} s): " + ", ".join(f"{k[4:]} {row[k]:.3f}" for k in keys if k in row))
+
+
 def replica_start(log_path: Path) -> tuple[float, float] | None:
     """(seconds from the replica's process start to its engine being ready, seconds of that in
     vLLM's engine start), as the replica logged them; None before that."""
@@ -368,6 +377,7 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
 
     several = len(st.runs) > 1
     tails = {r.proc: _MetricsTail(r.run_dir / "metrics.jsonl") for r in st.runs}
+    val_tails = {r.proc: _MetricsTail(r.run_dir / "val_metrics.jsonl") for r in st.runs}
     done = dict.fromkeys(tails, 0)
     bars = {r.proc: tqdm(total=r.steps, desc=r.adapter if several else "training", unit="step", position=k,
                          dynamic_ncols=True) for k, r in enumerate(st.runs)}
@@ -386,6 +396,8 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
                                      "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",
                                      "stale": f"{row.get('staleness/mean', 0):.2f}"}, refresh=False)
                     bar.refresh()
+                for row in val_tails[r.proc].rows():
+                    tqdm.write(f"{r.adapter + ': ' if several else ''}{val_line(row)}")
             finished = 0
             for r in st.runs:
                 learner = st.sup.procs[r.proc]

@@ -210,6 +210,13 @@ def _train_files(t: Translation, v: Any) -> None:
         t.set("learner.data.reward_fn", "by_data_source")
 
 
+def _val_files(t: Translation, v: Any) -> None:
+    files = v if isinstance(v, list) else [v]
+    if len(files) != 1 or not isinstance(files[0], str):
+        raise ValueError(f"one validation file is supported here, got {v!r}")
+    t.set("learner.validation.dataset", files[0])
+
+
 def _keep(name: str, conv: Callable[[Any], Any]) -> Callable[[Translation, Any], None]:
     """Keep the value for `_combine`: keys that only mean something together."""
     def rule(t: Translation, v: Any) -> None:
@@ -233,7 +240,8 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     "data.max_prompt_length": _keep("data.max_prompt_length", _pos_int),
     "data.shuffle": _note("data.shuffle: prompts are always shuffled, by learner.data.seed"),
     "data.seed": _to("learner.data.seed", int),
-    "data.val_files": _unsupported("a validation set (data.val_files, trainer.test_freq) is not supported yet"),
+    "data.val_files": _val_files,
+    "data.val_batch_size": _note("data.val_batch_size: validation prompts go out in leases like training ones"),
     "data.filter_overlong_prompts": _note("data.filter_overlong_prompts: a prompt longer than the engine's "
                                           "max_model_len is refused by the rollout server"),
     "data.truncation": _only("error", "data.truncation=error: over-long prompts are refused, as here",
@@ -290,6 +298,12 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     ROLLOUT + "n": _to("learner.data.samples_per_group", _pos_int),
     ROLLOUT + "temperature": _to("learner.data.temperature", _num),
     ROLLOUT + "top_p": _to("learner.data.top_p", _num),
+    ROLLOUT + "val_kwargs.do_sample": _keep("val_kwargs.do_sample", _bool),
+    ROLLOUT + "val_kwargs.n": _keep("val_kwargs.n", _pos_int),
+    ROLLOUT + "val_kwargs.temperature": _keep("val_kwargs.temperature", _num),
+    ROLLOUT + "val_kwargs.top_p": _to("learner.validation.top_p", _num),
+    ROLLOUT + "val_kwargs.top_k": _only(-1, "rollout.val_kwargs.top_k=-1: no top-k, as here",
+                                       "validation top_k is not supported (only -1)"),
     ROLLOUT + "tensor_model_parallel_size": _to("rollout.engine.tensor_parallel_size", _pos_int),
     ROLLOUT + "gpu_memory_utilization": _to("rollout.engine.gpu_memory_utilization", _num),
     ROLLOUT + "max_num_seqs": _to("rollout.engine.max_num_seqs", _pos_int),
@@ -332,10 +346,8 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     "trainer.total_training_steps": _to("learner.steps", _pos_int),
     "trainer.total_epochs": _keep("total_epochs", _pos_int),
     "trainer.save_freq": _keep("save_freq", int),
-    "trainer.test_freq": lambda t, v: (_unsupported("a validation pass (trainer.test_freq) is not supported yet")(t, v)
-                                       if int(v) > 0 else None),
-    "trainer.val_before_train": lambda t, v: (_unsupported("a validation pass (val_before_train) is not "
-                                                           "supported yet")(t, v) if _bool(v) else None),
+    "trainer.test_freq": _keep("test_freq", int),
+    "trainer.val_before_train": _to("learner.validation.before_train", _bool),
     "trainer.n_gpus_per_node": _keep("n_gpus_per_node", _pos_int),
     "trainer.nnodes": _keep("nnodes", _pos_int),
     "trainer.experiment_name": lambda t, v: t.set("run_dir", f"runs/{v}"),
@@ -421,6 +433,26 @@ def _combine(t: Translation) -> None:
         t.set("python_path", [str(path.resolve().parent)])
         t.notes.append(f"custom_reward_function: module {path.stem} from {path.resolve().parent} (put on the "
                        "stack's PYTHONPATH; a replica started elsewhere needs it importable too)")
+    # Validation (verl's trainer loop): a round before training (val_before_train, default on),
+    # every test_freq steps and at the last step when test_freq > 0; greedy unless val_kwargs.do_sample,
+    # then val_kwargs.n samples at val_kwargs.temperature (verl's defaults: 1 sample, temperature 0).
+    if "test_freq" in g:
+        t.set("learner.validation.every", max(0, g["test_freq"]))
+        t.set("learner.validation.at_end", g["test_freq"] > 0)
+    if t.get("learner.validation.dataset") is None and ("test_freq" in g or "val_kwargs.do_sample" in g):
+        t.notes.append("trainer.test_freq / val_kwargs: no data.val_files, so no validation pass")
+    if "val_kwargs.do_sample" in g:
+        sample = g["val_kwargs.do_sample"]
+        t.set("learner.validation.greedy", not sample)
+        t.set("learner.validation.samples", g.get("val_kwargs.n", 1) if sample else 0)
+        if sample:
+            temp = g.get("val_kwargs.temperature", 0.0)
+            if temp <= 0:
+                raise ValueError("rollout.val_kwargs.do_sample=True needs val_kwargs.temperature > 0")
+            t.set("learner.validation.temperature", temp)
+    elif "val_kwargs.n" in g or "val_kwargs.temperature" in g:
+        t.notes.append("rollout.val_kwargs.n / temperature apply with val_kwargs.do_sample=True (verl's rule); "
+                       "without it validation is greedy plus loraloop's default sampled pass")
     if "save_freq" in g:
         t.set("learner.checkpoint.every", g["save_freq"] if g["save_freq"] > 0 else 10**9)
         if g["save_freq"] <= 0:

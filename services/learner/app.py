@@ -96,10 +96,52 @@ class Coordinator:
         self.changed = threading.Event()
         sampling = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
                                       n=d.samples_per_group, logprobs=True, ignore_eos=d.ignore_eos)
-        self.servicer = LearnerServicer(self.table, sampling, d.reward_fn, on_change=self.changed.set)
+        self.metrics = MetricsWriter(cfg.run_dir)
+        self.validator = self._validator(vocab) if cfg.validation.dataset else None
+        self.servicer = LearnerServicer(self.table, sampling, d.reward_fn, on_change=self.changed.set,
+                                        validator=self.validator)
         self.service = ServerThread([Registration(pb_grpc.add_LearnerServicer_to_server, self.servicer, SERVICE)],
                                     cfg.server, cfg.auth, cfg.tls, ROLES_OF_METHOD, name="learner-grpc")
-        self.metrics = MetricsWriter(cfg.run_dir)
+
+    def _validator(self, vocab: int):
+        from services.learner.data import load_prompts, render
+        from services.learner.validation import Validator, ValPrompt
+
+        v, d = self.cfg.validation, self.cfg.data
+        prompts = load_prompts(v.dataset)[: v.max_prompts or None]
+        rendered = []
+        for p in prompts:
+            text, ids = render(p, self.tokenizer)
+            rendered.append(ValPrompt(p.uid, tuple(ids), text, p.data_source, p.ground_truth, p.extra_info))
+        modes = {}
+        if v.greedy:
+            modes["greedy"] = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=0.0, n=1, logprobs=True)
+        if v.samples:
+            modes["sampled"] = rpb.SamplingParams(max_tokens=d.max_tokens, temperature=v.temperature, top_p=v.top_p,
+                                                  n=v.samples, logprobs=True)
+        log.info("validation: %d prompts from %s, modes %s, every %s steps", len(rendered), v.dataset,
+                 ", ".join(modes), v.every or "-")
+
+        def done(row: dict) -> None:
+            self.metrics.write(row, val=True)
+            log.info("validation round %d (step %d, v%d): %s", row["val/round"], row["step"], row["val/version"],
+                     " ".join(f"{k[4:]}={row[k]:.3f}" for k in row
+                              if k.endswith(("/reward/mean", "/accuracy")) and k.count("/") == 3))
+
+        return Validator(rendered, adapter_name=self.cfg.adapter_name, modes=modes, reward_fn=d.reward_fn,
+                         vocab_size=vocab, correct_threshold=v.correct_threshold,
+                         lease_timeout_s=d.lease_deadline_s, on_done=done)
+
+    def validate(self, step: int, version: int, final: bool = False) -> None:
+        """Start a validation round of `version` (the adapter after `step`) if one is due."""
+        v = self.cfg.validation
+        if self.validator is None:
+            return
+        due = (step == 0 and v.before_train) or (final and v.at_end) or (v.every and step > 0 and step % v.every == 0)
+        if due and not self.validator.start(step, version):
+            log.warning("validation of step %d skipped: the round before it is still out", step)
+        elif due:
+            self.changed.set()
 
     def start_service(self) -> int:
         port = self.service.start()
@@ -147,6 +189,10 @@ class Coordinator:
     def close(self, finished: bool) -> None:
         """Drain the lease service; with `finished`, first let the rollouts hear that training
         is over (they stop asking)."""
+        if finished and self.validator is not None and self.validator.running:
+            log.info("waiting for the last validation round (up to %.0f s)", self.cfg.validation.wait_end_s)
+            if not self.validator.wait(self.cfg.validation.wait_end_s):
+                log.warning("the last validation round did not finish in %.0f s", self.cfg.validation.wait_end_s)
         if finished:
             self.servicer.finished = True
             time.sleep(min(2.0, self.cfg.data.lease_deadline_s))
@@ -276,6 +322,8 @@ def run(cfg: LearnerConfig, stop: threading.Event | None = None) -> None:
     if coord:
         coord.start_service()
         log.info("step %d: serving adapter %s@v%d (epoch %d)", start, cfg.adapter_name, version, coord.epoch)
+        if start == 0:
+            coord.validate(0, version)
     finished = False
     try:
         for step in range(start, cfg.steps):
@@ -308,6 +356,7 @@ def run(cfg: LearnerConfig, stop: threading.Event | None = None) -> None:
                 row["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / row["timing_s/step"]
                 row.update({f"leases/{k}": v for k, v in coord.table.stats().items()})
                 publisher.attach_row(row)
+                coord.validate(step + 1, version, final=step + 1 == cfg.steps)
                 log.info("step %d v%d reward %.3f pg_loss %.4f kl %.4f %.2fs", step + 1, version,
                          row["reward/mean"], row.get("actor/pg_loss", 0.0), row.get("actor/kl", 0.0),
                          row["timing_s/step"])

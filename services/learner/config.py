@@ -146,6 +146,40 @@ class DataConfig(Section):
     """A leased group not returned by then is leased again."""
 
 
+class ValidationConfig(Section):
+    dataset: str = ""
+    """Validation prompts (verl's data.val_files): a built-in task name or a .parquet / .jsonl
+    file; "" = no validation pass."""
+    every: int = Field(0, ge=0)
+    """A round every this many steps (verl's trainer.test_freq); 0 = only before training and
+    at the end."""
+    before_train: bool = True
+    """A round of the starting adapter before the first step (verl's val_before_train)."""
+    at_end: bool = True
+    """A round of the final adapter; the learner waits for it (up to `wait_end_s`) before it ends."""
+    wait_end_s: float = Field(300.0, gt=0)
+    """How long the end of training waits for the last round."""
+    greedy: bool = True
+    """Score one greedy answer per prompt (temperature 0): `val/greedy/*`."""
+    samples: int = Field(4, ge=0)
+    """Sampled answers per prompt at `temperature` (`val/sampled/*`, with pass@samples); 0 = none."""
+    temperature: float = Field(1.0, gt=0)
+    """Temperature of the sampled answers."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling for the sampled answers."""
+    max_prompts: int = Field(0, ge=0)
+    """Use only the first this many prompts of the set (0 = all)."""
+    correct_threshold: float = 1.0
+    """A sample counts as correct when its reward details say `acc` (verl's convention), else
+    when its reward is at least this."""
+
+    @model_validator(mode="after")
+    def _some_mode(self) -> ValidationConfig:
+        if self.dataset and not self.greedy and self.samples == 0:
+            raise ValueError("validation: set greedy=true or samples >= 1 (nothing to score otherwise)")
+        return self
+
+
 class CheckpointConfig(Section):
     every: int = Field(10, ge=1)
     """Checkpoint every this many steps."""
@@ -183,6 +217,8 @@ class LearnerConfig(Section):
     """RL algorithm."""
     data: DataConfig = DataConfig()
     """Prompts and sampling."""
+    validation: ValidationConfig = ValidationConfig()
+    """Validation pass on held-out prompts (val/* metrics)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoints."""
     auth: AuthConfig = AuthConfig()

@@ -244,30 +244,9 @@ class LeaseTable:
         return AcceptResult(gid, status, message)
 
     def _invalid(self, g: TrajectoryGroupRecord, spec: GroupSpec) -> str | None:
-        if g.adapter_name != self.adapter_name:
-            return f"adapter {g.adapter_name!r}, leased {self.adapter_name!r}"
-        if len(g.samples) != self.n:
-            return f"{len(g.samples)} samples, expected {self.n}"
-        if spec.prompt_token_ids and tuple(g.prompt_token_ids) != spec.prompt_token_ids:
-            return "prompt token ids differ from the leased ones"
-        if not g.prompt_token_ids or not all(0 <= t < self.vocab_size for t in g.prompt_token_ids):
-            return f"prompt token ids empty or outside [0, {self.vocab_size})"
-        for i, s in enumerate(g.samples):
-            if not s.response_token_ids:
-                return f"sample {i}: no response tokens"
-            if len(s.logprobs) != len(s.response_token_ids):
-                return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.response_token_ids)} tokens"
-            if not all(0 <= t < self.vocab_size for t in s.response_token_ids):
-                return f"sample {i}: response token id outside [0, {self.vocab_size})"
-            if not all(math.isfinite(x) for x in s.logprobs):
-                return f"sample {i}: logprob not finite"
-            if not math.isfinite(s.reward):
-                return f"sample {i}: reward {s.reward!r} not finite"
-            lo = 1 if self.adapter_name else 0
-            hi = self.version if self.adapter_name else 0
-            if not lo <= s.adapter_version <= hi:
-                return f"sample {i}: adapter version {s.adapter_version} unknown (known: {lo}..{hi})"
-        return None
+        known = (1, self.version) if self.adapter_name else (0, 0)
+        return invalid_group(g, spec, adapter_name=self.adapter_name, n=self.n, vocab_size=self.vocab_size,
+                             versions=known)
 
     def _staleness(self, rec: TrajectoryGroupRecord) -> int:
         return self.version - min(s.adapter_version for s in rec.samples)
@@ -334,6 +313,36 @@ class LeaseTable:
                         for d in state["buffer"]]
         self._accepted = set(state["accepted"])
         self._counters = Counter({k: int(v) for k, v in state["counters"].items()})
+
+
+def invalid_group(g: TrajectoryGroupRecord, spec: GroupSpec, *, adapter_name: str, n: int, vocab_size: int,
+                  versions: tuple[int, int]) -> str | None:
+    """Why a returned group cannot be taken as the answer to `spec` (None: it can): its adapter,
+    sample count, token ids, log-probs and rewards, and every sample's version within
+    `versions` (inclusive)."""
+    if g.adapter_name != adapter_name:
+        return f"adapter {g.adapter_name!r}, leased {adapter_name!r}"
+    if len(g.samples) != n:
+        return f"{len(g.samples)} samples, expected {n}"
+    if spec.prompt_token_ids and tuple(g.prompt_token_ids) != spec.prompt_token_ids:
+        return "prompt token ids differ from the leased ones"
+    if not g.prompt_token_ids or not all(0 <= t < vocab_size for t in g.prompt_token_ids):
+        return f"prompt token ids empty or outside [0, {vocab_size})"
+    lo, hi = versions
+    for i, s in enumerate(g.samples):
+        if not s.response_token_ids:
+            return f"sample {i}: no response tokens"
+        if len(s.logprobs) != len(s.response_token_ids):
+            return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.response_token_ids)} tokens"
+        if not all(0 <= t < vocab_size for t in s.response_token_ids):
+            return f"sample {i}: response token id outside [0, {vocab_size})"
+        if not all(math.isfinite(x) for x in s.logprobs):
+            return f"sample {i}: logprob not finite"
+        if not math.isfinite(s.reward):
+            return f"sample {i}: reward {s.reward!r} not finite"
+        if not lo <= s.adapter_version <= hi:
+            return f"sample {i}: adapter version {s.adapter_version} unknown (known: {lo}..{hi})"
+    return None
 
 
 _COUNTER_OF = {s: "accepted" if s is AckCode.OK else s.name.lower() for s in AckCode}

@@ -1,7 +1,7 @@
 """A verl user's command line runs here (issue 18, point 1): `loraloop up --verl-file` with the
 reference command of verl's LoRA guide, its GPU sizes scaled down by flags, trains the tiny
 model for a few steps with what the keys asked for (rank 32, n=5, 64 prompts a step, lr 3e-5,
-the model loaded from /dev/shm)."""
+the model loaded from /dev/shm), and validates on a verl-layout file every 2 steps."""
 
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ SCALE_DOWN = ["--learner.nproc=1", "--rollout.engine.tensor_parallel_size=1", "-
 
 def test_the_reference_verl_command_trains_the_tiny_model(tmp_path: Path):
     cmd_file = tmp_path / "verl.sh"
-    cmd_file.write_text(REFERENCE)
+    val = tmp_path / "val.jsonl"  # verl's row layout; the arithmetic reward scores it
+    val.write_text("".join(json.dumps({"data_source": "arithmetic", "prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                                       "reward_model": {"ground_truth": f"{a + b:02d}"}}) + "\n"
+                           for a, b in ((1, 2), (3, 4), (5, 5), (9, 8))))
+    cmd_file.write_text(REFERENCE.rstrip() + f" \\\n    data.val_files={val} trainer.test_freq=2\n")
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "services.cli", "up", "--verl-file", str(cmd_file), *SCALE_DOWN,
                           "--run-dir", str(run), "--steps", str(STEPS), "--plot=false"],
@@ -48,6 +52,10 @@ def test_the_reference_verl_command_trains_the_tiny_model(tmp_path: Path):
         lc = load_config(LearnerConfig, run / "learner.toml")  # what the learner ran with
         assert (lc.data.samples_per_group, lc.data.groups_per_step, lc.algo.lr) == (5, 64, 3e-5)
         assert (lc.model.lora_rank, lc.algo.dual_clip_c, lc.nproc) == (32, 3.0, 1)
+        # data.val_files + trainer.test_freq=2: rounds before training, at step 2 and at the end
+        val_rows = read_metrics(run, "val_metrics.jsonl")
+        assert [r["step"] for r in val_rows] == [0, 2, 4] and all(r["val/prompts"] == 4 for r in val_rows)
+        assert "validation at step 4" in out.stdout
     finally:
         if shm_copy:
             shutil.rmtree(shm_copy.group(1), ignore_errors=True)

@@ -60,3 +60,42 @@ def test_ppo_with_a_critic_runs_against_a_real_rollout(base_stack, tmp_path):
         _, data = c.fetch("ppo@v5")
     keys = set(parse_safetensors_header(data).tensors)
     assert keys and all("lora_" in k and "critic" not in k and "value_head" not in k for k in keys), keys
+
+
+def test_validation_rounds_score_the_adapter_greedy_and_sampled(base_stack, tmp_path):
+    """data.val_files + test_freq (issue 18): rounds before training, every 2 steps and at the
+    end go out as leases; their rows (val_metrics.jsonl) hold greedy and sampled scores, and the
+    step-0 greedy score is that of the base model's greedy answers computed here with HF
+    generate (v1 is the initial adapter, B = 0). Training rows are unaffected."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.learner.data import load_prompts, render
+    from tests.support.rewards import text_hash
+
+    s, k = base_stack, 12
+    rows, final = _train(s, tmp_path, "--adapter_name=val", "--steps=4", "--data.groups_per_step=8",
+                         "--data.samples_per_group=2", "--data.reward_fn=tests.support.rewards:text_hash",
+                         "--validation.dataset=arithmetic", f"--validation.max_prompts={k}",
+                         "--validation.every=2", "--validation.samples=3", "--checkpoint.every=4")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["leases/consumed"] == 4 * 8
+    assert final == {("val", 5)}
+    assert not any(key.startswith("val/") for r in rows for key in r)
+    val = read_metrics(tmp_path / "run", "val_metrics.jsonl")
+    assert [r["step"] for r in val] == [0, 2, 4], val
+    for r in val:
+        assert r["val/prompts"] == k and r["val/skipped_rounds"] == 0
+        assert r["val/version_min"] >= r["val/version"] == r["step"] + 1  # the adapter after that step
+        for key in ("val/greedy/reward/mean", "val/greedy/accuracy", "val/sampled/reward/mean",
+                    "val/sampled/accuracy", "val/sampled/pass@3"):
+            assert 0.0 <= r[key] <= 1.0, (key, r)
+    tok = AutoTokenizer.from_pretrained(s.model)
+    model = AutoModelForCausalLM.from_pretrained(s.model, torch_dtype=torch.float32).eval()
+    scores = []
+    for p in load_prompts("arithmetic")[:k]:
+        _, ids = render(p, tok)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+        scores.append(text_hash("", tok.decode(out[0, len(ids):], skip_special_tokens=True), ""))
+    # One near-tie flipped between vLLM and HF would move the mean by < 1/k.
+    assert abs(val[0]["val/greedy/reward/mean"] - sum(scores) / k) < 1 / k, (val[0], scores)

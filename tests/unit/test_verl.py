@@ -124,9 +124,29 @@ def test_grpo_and_ppo_keys():
                      ("data.train_batch_size=30 actor_rollout_ref.actor.ppo_mini_batch_size=8", "not a multiple"),
                      ("trainer.n_gpus_per_node=2 actor_rollout_ref.actor.fsdp_config.fsdp_size=4", "fsdp_size=4"),
                      ("algorithm.kl_ctrl.type=pid", "kl_ctrl.type"),
-                     ("trainer.test_freq=5", "validation")):
+                     ("actor_rollout_ref.rollout.val_kwargs.do_sample=True", "temperature > 0"),
+                     ("data.val_files=[a.jsonl,b.jsonl]", "one validation file")):
         with pytest.raises(VerlError, match=why):
             translate(split_command(bad))
+
+
+def test_validation_keys_follow_verls_trainer():
+    """data.val_files + trainer.test_freq: a round before training (val_before_train, on by
+    default), every test_freq steps and at the end; greedy unless val_kwargs.do_sample."""
+    v = _cfg("data.val_files=/d/test.parquet trainer.test_freq=5").learner.validation
+    assert (v.dataset, v.every, v.before_train, v.at_end, v.greedy, v.samples) == ("/d/test.parquet", 5, True, True,
+                                                                                   True, 4)
+    v = _cfg("data.val_files=/d/test.parquet trainer.test_freq=-1 trainer.val_before_train=False").learner.validation
+    assert (v.every, v.at_end, v.before_train) == (0, False, False)
+    v = _cfg("data.val_files=/d/t.jsonl actor_rollout_ref.rollout.val_kwargs.do_sample=False").learner.validation
+    assert (v.greedy, v.samples) == (True, 0)
+    v = _cfg("data.val_files=/d/t.jsonl actor_rollout_ref.rollout.val_kwargs.do_sample=True "
+             "actor_rollout_ref.rollout.val_kwargs.n=8 actor_rollout_ref.rollout.val_kwargs.temperature=0.6 "
+             "actor_rollout_ref.rollout.val_kwargs.top_p=0.9").learner.validation
+    assert (v.greedy, v.samples, v.temperature, v.top_p) == (False, 8, 0.6, 0.9)
+    t = translate(split_command("trainer.test_freq=5"))
+    assert any("no data.val_files" in n for n in t.notes)
+    assert _cfg("trainer.test_freq=5").learner.validation.dataset == ""
 
 
 def test_total_epochs_count_the_training_file(tmp_path: Path):
