@@ -23,7 +23,8 @@ from pathlib import Path
 from services.common import redis_server
 from services.common.config import config_cli, to_toml
 from services.common.net import free_port
-from services.rollout.config import LearnerTarget
+from services.learner.config import LearnerConfig
+from services.rollout.config import LearnerTarget, RolloutConfig
 from services.stack_config import ALIASES, StackConfig
 
 
@@ -232,6 +233,65 @@ def learner_cpus(cfg: StackConfig) -> set[int] | None:
     return rest or None
 
 
+def service_configs(cfg: StackConfig, model: str, broker: str,
+                    learners: list[tuple[str, Path]]) -> tuple[list[LearnerConfig], RolloutConfig]:
+    """What each service of the stack is started with: the learner config of each run (run k, in
+    `cfg.run_learners()` order, is reached at learners[k][0] and writes into learners[k][1]) and
+    the rollout config, which leases from every run. Listening ports stay as configured."""
+    run_learners = cfg.run_learners()
+    one = len(run_learners) == 1
+    configs = []
+    for k, ((base_lc, _), (_, learner_dir)) in enumerate(zip(run_learners, learners, strict=True)):
+        lc = base_lc.model_copy(deep=True)
+        lc.model.path, lc.broker, lc.run_dir = model, broker, str(learner_dir)
+        if one or "seed" not in cfg.runs[k].learner:
+            lc.seed = cfg.seed + k
+        configs.append(lc)
+    rc = cfg.rollout.model_copy(deep=True)
+    rc.engine.model, rc.broker = model, broker
+    if one:
+        rc.learner = learners[0][0]
+    else:
+        rc.learner = ""
+        rc.learners = [LearnerTarget(address=a, weight=w) for (a, _), (_, w) in zip(learners, run_learners, strict=True)]
+        rc.leases_in_flight = max(rc.leases_in_flight, 2 * len(learners))
+    rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, *(lc.model.lora_rank for lc in configs))
+    rc.engine.max_loras = max(rc.engine.max_loras, len(configs))
+    rc.engine.max_model_len = max(16, min(rc.engine.max_model_len,
+                                          model_max_len(Path(model), rc.engine.max_model_len)))
+    rc.adapters.follow = sorted({*rc.adapters.follow, *(lc.adapter_name for lc in configs)})
+    return configs, rc
+
+
+def write_configs(cfg: StackConfig, out: Path) -> list[Path]:
+    """`up --write-configs DIR`: the TOML each service would be started with, laid out as in the
+    run dir (broker.toml, rollout.toml, learner.toml; <adapter>/learner.toml per run with several
+    runs), at the addresses and ports the config gives, without starting anything. For services
+    started elsewhere (docker compose, by hand), whose own flags then set where they listen."""
+    if not cfg.model:
+        raise SystemExit("loraloop up --write-configs: needs a model (`model`, or the verl command's model.path)")
+    run_learners = cfg.run_learners()
+    one = len(run_learners) == 1
+    run_dir = Path(cfg.run_dir)
+    # Several runs: run k listens on the [learner] port + k unless its entry sets its own.
+    ports = [lc.server.port if one or "port" in cfg.runs[k].learner.get("server", {}) else lc.server.port + k
+             for k, (lc, _) in enumerate(run_learners)]
+    targets = [(f"{lc.server.host}:{port}", run_dir if one else run_dir / lc.adapter_name)
+               for port, (lc, _) in zip(ports, run_learners, strict=True)]
+    if len({a for a, _ in targets}) != len(targets):
+        raise SystemExit("loraloop up --write-configs: give each of [[runs]] its own learner.server.port")
+    broker = f"{cfg.broker.server.host}:{cfg.broker.server.port}"
+    configs, rc = service_configs(cfg, cfg.model, broker, targets)
+    for lc, port in zip(configs, ports, strict=True):
+        lc.server.port = port
+    files = {out / "broker.toml": cfg.broker, out / "rollout.toml": rc}
+    files.update({out / ("learner.toml" if one else f"{lc.adapter_name}/learner.toml"): lc for lc in configs})
+    for path, section in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_toml(section.model_dump()))
+    return list(files)
+
+
 def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -> Stack:
     tokens = {role: secrets.token_urlsafe(24) for role in ("learner", "rollout", "client")}
     password = secrets.token_hex(16)
@@ -260,37 +320,21 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     # start (~30 s). Every start then overlaps the longest, the replica's.
     # Learners: one per run (one run: "learner", writing into the run dir itself)
     run_learners = cfg.run_learners()
-    configs = []
-    for k, (base_lc, _) in enumerate(run_learners):
-        lc = base_lc.model_copy(deep=True)
-        one = len(run_learners) == 1
-        run = Run(lc.adapter_name, "learner" if one else f"learner-{lc.adapter_name}",
-                  run_dir if one else run_dir / lc.adapter_name, lc.steps)
+    one = len(run_learners) == 1
+    ports = [free_port() for _ in run_learners]
+    targets = [(f"127.0.0.1:{p}", run_dir if one else run_dir / lc.adapter_name)
+               for p, (lc, _) in zip(ports, run_learners, strict=True)]
+    configs, rc = service_configs(cfg, str(model), st.broker, targets)
+    for lc, port, (address, learner_dir) in zip(configs, ports, targets, strict=True):
+        run = Run(lc.adapter_name, "learner" if one else f"learner-{lc.adapter_name}", learner_dir, lc.steps, address)
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        lc.model.path, lc.broker, lc.run_dir = str(model), st.broker, str(run.run_dir)
-        if one or "seed" not in cfg.runs[k].learner:
-            lc.seed = cfg.seed + k
-        lc.server.port = free_port()
+        lc.server.port = port
         (run.run_dir / "learner.toml").write_text(to_toml(lc.model_dump()))
         sup.start(run.proc, [*py, "learner", str(run.run_dir / "learner.toml")], st.service_env("learner"),
                   cpus=learner_cpus(cfg))
-        run.address = f"127.0.0.1:{lc.server.port}"
         st.runs.append(run)
-        configs.append(lc)
     st.learner = st.runs[0].address
     # Rollouts (a file for replicas started by hand too): every replica leases from every run
-    rc = cfg.rollout.model_copy(deep=True)
-    rc.engine.model, rc.broker = str(model), st.broker
-    if len(st.runs) == 1:
-        rc.learner = st.learner
-    else:
-        rc.learner = ""
-        rc.learners = [LearnerTarget(address=r.address, weight=w) for r, (_, w) in zip(st.runs, run_learners, strict=True)]
-        rc.leases_in_flight = max(rc.leases_in_flight, 2 * len(st.runs))
-    rc.engine.max_lora_rank = max(rc.engine.max_lora_rank, *(lc.model.lora_rank for lc in configs))
-    rc.engine.max_loras = max(rc.engine.max_loras, len(st.runs))
-    rc.engine.max_model_len = max(16, min(rc.engine.max_model_len, model_max_len(model, rc.engine.max_model_len)))
-    rc.adapters.follow = sorted({*rc.adapters.follow, *(r.adapter for r in st.runs)})
     rc.http.port = 0  # a replica started by hand from rollout.toml picks a free port (up gives its own theirs)
     (run_dir / "rollout.toml").write_text(to_toml(rc.model_dump()))
     st.rollout_args = [*py, "rollout", str(run_dir / "rollout.toml")]
@@ -428,7 +472,10 @@ SUMMARY = ("The local stack: Redis, broker, learner and rollout replicas as proc
            "and # comments allowed) translate verl's keys into the settings below; an unknown key or\n"
            "an unsupported value is an error naming it. Precedence: defaults < CONFIG < verl keys <\n"
            "--section.key overrides. --print-config prints the resulting TOML (with a note for each\n"
-           "verl key that has no setting of its own) and exits without running.")
+           "verl key that has no setting of its own) and exits without running.\n\n"
+           "--write-configs DIR writes the TOML each service would be started with (broker.toml,\n"
+           "learner.toml, rollout.toml, as in the run dir) at the configured addresses, and exits\n"
+           "without running: for services started elsewhere, e.g. by docker compose (examples/verl).")
 
 
 def split_stack_args(argv: list[str]) -> tuple[list[str], str | None, bool]:
@@ -478,8 +525,37 @@ def load_stack_config(argv: list[str]) -> tuple[StackConfig, bool]:
     return cfg, print_config
 
 
+def take_write_configs(argv: list[str]) -> tuple[list[str], Path | None]:
+    """Take `--write-configs DIR` (or `--write-configs=DIR`) out of argv."""
+    rest, out = [], None
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name != "--write-configs":
+            rest.append(a)
+            continue
+        value = value if eq else next(it, "")
+        if not value:
+            raise SystemExit("loraloop up: --write-configs needs a directory")
+        out = Path(value)
+    return rest, out
+
+
 def main(argv: list[str]) -> int:
+    argv, write_dir = take_write_configs(argv)
     cfg, print_only = load_stack_config(argv)
+    if write_dir is not None:
+        for path in write_configs(cfg, write_dir):
+            print(f"wrote {path}", flush=True)
+        # What `up` itself does beyond the services' own configs: a launcher of these files does it.
+        if cfg.model_shm:
+            print(f"model_shm (verl's use_shm) is `loraloop up`'s own: these configs load the model from {cfg.model}",
+                  flush=True)
+        if cfg.python_path:
+            print(f"python_path: the learner needs {', '.join(cfg.python_path)} on its PYTHONPATH", flush=True)
+        print(f"rollout_replicas = {cfg.rollout_replicas}: start that many rollout servers from rollout.toml",
+              flush=True)
+        return 0
     if print_only:
         return 0
     try:

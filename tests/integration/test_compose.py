@@ -4,7 +4,10 @@ Static: compose.yaml and compose.gpu.yaml (each, and merged as `docker compose -
 compose.gpu.yaml` merges them) against the official Compose JSON schema (the copy vendored by
 check-jsonschema) and the compose-spec parser; the structure the stack relies on; every service
 command parsed by the real `loraloop` CLI; every Dockerfile parsed by BuildKit's parser (the
-`dockerfile` package) and linted by hadolint with deploy/compose/.hadolint.yaml.
+`dockerfile` package) and linted by hadolint with deploy/compose/.hadolint.yaml. Each
+examples/verl/compose.*.yaml merged on top of both: valid, its config command (`loraloop up
+--verl-file ... --write-configs`) run on the directories its mounts stand for, and the files that
+writes loaded by the learner's and rollout's own parsers with the example's values.
 
 Live, on this machine: Redis started with the compose command (AOF, fsync always, password)
 and the compose health check run against it; a broker on that Redis with the compose gRPC health
@@ -53,8 +56,41 @@ _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 # helpers
 
 
+class Override:
+    """A value tagged `!override` (Compose >= 2.24.4): it replaces what earlier files set there."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader plus compose's `!override` tag (any other tag stays an error)."""
+
+
+def _override(loader: _Loader, node: yaml.Node) -> Override:
+    if isinstance(node, yaml.SequenceNode):
+        return Override(loader.construct_sequence(node, deep=True))
+    if isinstance(node, yaml.MappingNode):
+        return Override(loader.construct_mapping(node, deep=True))
+    return Override(loader.construct_scalar(node))
+
+
+_Loader.add_constructor("!override", _override)
+
+
 def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader subclass
+
+
+def plain(doc):
+    """The document with every `!override` value in place of its tag."""
+    if isinstance(doc, Override):
+        return plain(doc.value)
+    if isinstance(doc, dict):
+        return {k: plain(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [plain(v) for v in doc]
+    return doc
 
 
 # Sequences compose replaces whole when an override sets them (merge rules of the compose spec).
@@ -62,18 +98,30 @@ _REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
 
 
 def merge(base, over, path: tuple[str, ...] = ()):
-    """Compose's override merge for what compose.gpu.yaml uses: mappings merge key by key,
-    scalars and the replaced sequences are overridden. Any other sequence set on both sides is
-    refused, since compose merges those by rules (by target, by key) this helper does not model."""
+    """Compose's override merge for what the override files use: mappings merge key by key,
+    scalars, the replaced sequences and `!override` values are overridden, a service's volumes
+    merge by target (a mount at the same target replaces the earlier one). Any other sequence
+    set on both sides is refused, since compose merges those by rules this helper does not model."""
+    if isinstance(over, Override):
+        return plain(over)
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = merge(base[k], v, (*path, k)) if k in base else copy.deepcopy(v)
+            out[k] = merge(base[k], v, (*path, k)) if k in base else plain(v)
+        return out
+    if isinstance(base, list) and isinstance(over, list) and len(path) == 3 and path[::2] == ("services", "volumes"):
+        out = copy.deepcopy(base)
+        for v in plain(over):
+            at = [i for i, b in enumerate(out) if b["target"] == v["target"]]
+            if at:
+                out[at[0]] = v
+            else:
+                out.append(v)
         return out
     if isinstance(base, list) and isinstance(over, list) and path[-1] not in _REPLACED_SEQUENCES:
-        raise AssertionError(f"compose.gpu.yaml sets the sequence {'.'.join(path)} that compose.yaml "
-                             "also sets; keep the override to mappings and scalars")
-    return copy.deepcopy(over)
+        raise AssertionError(f"an override sets the sequence {'.'.join(path)} that an earlier file "
+                             "also sets; keep overrides to mappings, scalars, volumes and `!override`")
+    return plain(over)
 
 
 def merged() -> dict:
@@ -339,6 +387,8 @@ def test_every_variable_is_documented():
             if not optional:
                 required.add(key)
     used = variables(BASE) | variables(GPU)
+    for name in EXAMPLE_FILES:
+        used |= variables(EXAMPLES / name)
     assert set(used) == documented
     assert {k for k, op in used.items() if op.endswith("?")} == required == set(SAMPLE_ENV)
 
@@ -383,6 +433,210 @@ def test_gpu_override():
         assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
         assert dev.get("device_ids") or dev.get("count")
     assert gpu["broker"] == cpu["broker"] and gpu["redis"] == cpu["redis"]
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/verl: a verl command line on compose, as a third file on top of compose.yaml and
+# compose.gpu.yaml. Its verl-config service runs `loraloop up --verl-file ... --write-configs`;
+# learner and rollout start from the files that writes. Here that command runs on this machine,
+# each container path standing for the directory mounted there.
+
+EXAMPLES = ROOT / "examples" / "verl"
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("compose.*.yaml"))
+GSM8K_ROWS = 7473  # GSM8K's training split
+ALL_GPUS = [str(i) for i in range(8)]
+# Each example: the values of its verl file, and the GPUs examples/verl/README.md gives each service.
+EXPECTED = {
+    "compose.qwen2.5-72b-lora-8x80gb.yaml": {
+        "verl": "qwen2.5-72b-lora-8x80gb.sh", "model": "/models/Qwen2.5-72B-Instruct", "run_dir": "/runs/qwen2.5-72b",
+        "rank": 32, "alpha": 32.0, "n": 5, "groups": 64, "steps": 500, "nproc": 8, "cpu_offload": True,
+        "tp": 8, "gpu_memory": 0.4, "max_model_len": 1536, "learner_gpus": ALL_GPUS, "rollout_gpus": ALL_GPUS},
+    "compose.qwen2.5-3b-gsm8k-lora.yaml": {
+        "verl": "qwen2.5-3b-gsm8k-lora.sh", "model": "/models/Qwen2.5-3B-Instruct", "run_dir": "/runs/qwen2.5-3b-gsm8k",
+        "rank": 64, "alpha": 32.0, "n": 5, "groups": 16, "steps": 15 * (GSM8K_ROWS // 16), "nproc": 8,
+        "cpu_offload": False, "tp": 2, "gpu_memory": 0.6, "max_model_len": 512 + 1024, "learner_gpus": ALL_GPUS,
+        "rollout_gpus": ["0", "1"]},
+}
+COMPOSE_UP = "docker compose -f compose.yaml -f compose.gpu.yaml -f ../../examples/verl/{} up --build"
+
+
+def merged_example(name: str) -> dict:
+    return merge(merged(), load(EXAMPLES / name))
+
+
+def interpolated(doc, env: dict[str, str]):
+    """Every string of the document interpolated, as `docker compose config` shows it."""
+    if isinstance(doc, dict):
+        return {k: interpolated(v, env) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [interpolated(v, env) for v in doc]
+    return interpolate(doc, env) if isinstance(doc, str) else doc
+
+
+def mounts(svc: dict, env: dict[str, str], volumes: Path) -> dict[str, Path]:
+    """Container target -> the directory here that stands for it: a bind's source (relative
+    to deploy/compose, the first file's directory, as compose resolves every file's paths) or
+    the named volume's directory under `volumes`."""
+    out = {}
+    for v in svc.get("volumes", []):
+        src = interpolate(v["source"], env)
+        out[v["target"]] = (HERE / src).resolve() if v["type"] == "bind" else volumes / src
+    return out
+
+
+def to_host(value: str, where: dict[str, Path]) -> str:
+    for target, src in sorted(where.items(), key=lambda kv: -len(kv[0])):
+        if value == target or value.startswith(target + "/"):
+            return str(src) + value[len(target):]
+    return value
+
+
+def to_container(value: str, where: dict[str, Path]) -> str:
+    for target, src in sorted(where.items(), key=lambda kv: -len(str(kv[1]))):
+        if value == str(src) or value.startswith(f"{src}/"):
+            return target + value[len(str(src)):]
+    return value
+
+
+def devices(svc: dict) -> list[dict]:
+    return svc["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_every_example_is_checked():
+    assert sorted(EXPECTED) == EXAMPLE_FILES
+    for ex in EXPECTED.values():
+        assert (EXAMPLES / ex["verl"]).is_file()
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_override_merges(name):
+    env = {**SAMPLE_ENV}  # the example's own variables take their defaults
+    assert schema_errors(interpolated(plain(load(EXAMPLES / name)), env)) == []
+    doc = interpolated(merged_example(name), env)
+    assert schema_errors(doc) == []
+    parsed = PyCompose.from_json(json.dumps(doc))
+    parsed.validate()
+    parsed.to_spec()
+    assert set(parsed.service_names()) == SERVICES | {"verl-config"}
+    gpu, services = merged()["services"], doc["services"]
+    # The GPU images throughout; verl-config is the learner's image (loraloop and pyarrow).
+    for svc in ("verl-config", "model-init", "learner", "rollout"):
+        assert services[svc]["build"] == interpolated(gpu["learner" if svc != "rollout" else svc]["build"], env)
+        assert services[svc]["image"] == gpu["learner" if svc != "rollout" else svc]["image"]
+    assert services["broker"] == interpolated(gpu["broker"], env) and services["redis"] == interpolated(gpu["redis"], env)
+    # compose.gpu.yaml's one-GPU reservation is replaced (`!override`), not added to.
+    ex = EXPECTED[name]
+    for svc, ids in (("learner", ex["learner_gpus"]), ("rollout", ex["rollout_gpus"])):
+        (dev,) = devices(services[svc])
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"] and dev["device_ids"] == ids, svc
+        assert services[svc]["healthcheck"]["test"] == gpu[svc]["healthcheck"]["test"]
+        deps = services[svc]["depends_on"]
+        assert deps["verl-config"]["condition"] == deps["model-init"]["condition"] == "service_completed_successfully"
+    assert services["verl-config"]["restart"] == "no" and "deploy" not in services["verl-config"]
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_configs_come_from_the_documented_command(name, tmp_path):
+    """verl-config's command, run here on the directories its mounts stand for, writes the files
+    learner and rollout are started from; they load through the services' own parsers with the
+    verl file's values, the compose network's addresses and as many GPUs as the services reserve."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.cli import main as loraloop
+
+    ex = EXPECTED[name]
+    models, data, volumes = tmp_path / "models", tmp_path / "data", tmp_path / "volumes"
+    model = models / Path(ex["model"]).name
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"max_position_embeddings": 32768}')
+    (data / "gsm8k").mkdir(parents=True)
+    for split, rows in (("train", GSM8K_ROWS), ("test", 1319)):
+        pq.write_table(pa.table({"data_source": ["openai/gsm8k"] * rows}), data / "gsm8k" / f"{split}.parquet")
+    env = {**SAMPLE_ENV, "LORALOOP_MODELS_DIR": str(models), "LORALOOP_DATA_DIR": str(data)}
+    services = merged_example(name)["services"]
+    where = {svc: mounts(services[svc], env, volumes) for svc in ("verl-config", "model-init", "learner", "rollout")}
+    cfg_where = where["verl-config"]
+    assert cfg_where["/verl"] == EXAMPLES
+    for svc in ("model-init", "learner", "rollout"):
+        assert where[svc]["/models"] == cfg_where["/models"] == models, svc
+    for svc in ("learner", "rollout"):
+        assert where[svc]["/runs"] == cfg_where["/runs"] == volumes / "runs", svc
+    assert where["learner"]["/data"] == cfg_where["/data"] == data
+    assert all(v.get("read_only") for svc in ("learner", "rollout") for v in services[svc]["volumes"]
+               if v["target"] != "/runs" or svc == "rollout"), "only the learner writes (into /runs)"
+    assert ex["model"] in services["model-init"]["command"][2]
+    # The verl file as the container sees it: its /models and /data paths are the mounted directories.
+    staged = tmp_path / "verl"
+    staged.mkdir()
+    text = (EXAMPLES / ex["verl"]).read_text()
+    (staged / ex["verl"]).write_text(re.sub(r"(?<=[=\s])(/models|/data)(?=/)",
+                                            lambda m: str(cfg_where[m.group(1)]), text))
+    cfg_where["/verl"] = staged
+
+    argv = service_argv(services["verl-config"], env)
+    assert argv[:2] == ["loraloop", "up"] and f"/verl/{ex['verl']}" in argv
+    (volumes / "runs").mkdir(parents=True)
+    assert loraloop([to_host(a, cfg_where) for a in argv[1:]]) == 0
+    written = {to_container(str(p), cfg_where) for p in (volumes / "runs").rglob("*") if p.is_file()}
+    assert written == {f"{ex['run_dir']}/{f}.toml" for f in ("broker", "learner", "rollout")}
+
+    largv = service_argv(services["learner"], env)
+    assert largv[:2] == ["loraloop", "learner"] and largv[2] in written
+    lc = parse_cli("learner", [to_host(a, where["learner"]) for a in largv[2:]])
+    assert to_container(lc.model.path, where["learner"]) == ex["model"]
+    assert to_container(lc.data.dataset, where["learner"]) == "/data/gsm8k/train.parquet"
+    assert to_container(lc.run_dir, where["learner"]) == ex["run_dir"] == str(Path(largv[2]).parent)
+    assert (lc.model.lora_rank, lc.model.lora_alpha, lc.model.cpu_offload) == (ex["rank"], ex["alpha"], ex["cpu_offload"])
+    assert (lc.data.samples_per_group, lc.data.groups_per_step, lc.steps) == (ex["n"], ex["groups"], ex["steps"])
+    assert lc.nproc == ex["nproc"] == len(devices(services["learner"])[0]["device_ids"])
+    assert (lc.server.host, lc.server.port, lc.broker) == ("0.0.0.0", 50053, "broker:50050")
+    assert health_addr(services["learner"]) == "127.0.0.1:50053" and lc.auth.enabled
+
+    rargv = service_argv(services["rollout"], env)
+    assert rargv[:2] == ["loraloop", "rollout"] and rargv[2] in written
+    rc = parse_cli("rollout", [to_host(a, where["rollout"]) for a in rargv[2:]])
+    eng = rc.engine
+    assert to_container(eng.model, where["rollout"]) == ex["model"]
+    assert eng.tensor_parallel_size == ex["tp"] == len(devices(services["rollout"])[0]["device_ids"])
+    assert (eng.gpu_memory_utilization, eng.max_lora_rank, eng.max_model_len) == (ex["gpu_memory"], ex["rank"],
+                                                                                   ex["max_model_len"])
+    assert (rc.server.host, rc.server.port, rc.broker, rc.learner) == ("0.0.0.0", 50052, "broker:50050", "learner:50053")
+    assert rc.adapters.follow == [lc.adapter_name] == ["policy"]
+    assert (rc.http.host, rc.http.port) == ("0.0.0.0", 8000) and rc.auth.enabled
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_model_check_live(name, tmp_path):
+    """model-init checks that the example's model is in the mounted directory instead of
+    writing the tiny model there."""
+    svc = merged_example(name)["services"]["model-init"]
+    assert svc["command"][:2] == ["sh", "-ec"] and all(v.get("read_only") for v in svc["volumes"])
+    script = svc["command"][2].replace("/models", str(tmp_path))
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30)
+
+    missing = run()
+    assert missing.returncode != 0 and "LORALOOP_MODELS_DIR" in missing.stderr
+    model = tmp_path / Path(EXPECTED[name]["model"]).name
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert run().returncode != 0  # no weights
+    (model / "model.safetensors").write_bytes(b"")
+    ok = run()
+    assert ok.returncode == 0 and "present" in ok.stdout
+
+
+def test_examples_documented():
+    """examples/verl/README.md gives each example's compose command, the command its verl-config
+    service runs, and every variable the example files read."""
+    readme = " ".join((EXAMPLES / "README.md").read_text().split())
+    for name in EXAMPLE_FILES:
+        assert COMPOSE_UP.format(name) in readme, name
+        assert " ".join(load(EXAMPLES / name)["services"]["verl-config"]["command"]) in readme, name
+        for var in variables(EXAMPLES / name):
+            assert var in readme, (name, var)
 
 
 # ---------------------------------------------------------------------------------------------
