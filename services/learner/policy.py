@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from services.learner.config import ModelConfig
+if TYPE_CHECKING:  # an annotation only: importing the policy needs no pydantic (tests/gpu/smoke.py)
+    from services.learner.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from services.learner import algorithms as A
 from services.learner.batch import Batch, comm_device
-from services.learner.config import AlgoConfig
 from services.learner.policy import Policy
+
+if TYPE_CHECKING:  # an annotation only: importing the trainer needs no pydantic (tests/gpu/smoke.py)
+    from services.learner.config import AlgoConfig
 
 # Loss terms come out already divided by the global normaliser: they add up over
 # micro-batches and ranks. Every other metric is a masked mean: weight it by tokens.
