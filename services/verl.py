@@ -114,6 +114,7 @@ _KL = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3"
        "mse+": "k2", "k2+": "k2"}  # verl: k2's "+" is k2 itself
 _ADV = {"grpo": "grpo", "gae": "gae", "rloo": "rloo", "reinforce_plus_plus": "reinforce_plus_plus",
         "reinforce_plus_plus_baseline": "reinforce_plus_plus_baseline"}
+_DTYPE = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _AGG = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -273,6 +274,9 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     ACTOR + "fsdp_config.fsdp_size": _keep("fsdp_size", int),
     ACTOR + "fsdp_config.param_offload": _offload,
     ACTOR + "fsdp_config.optimizer_offload": _offload,
+    ACTOR + "fsdp_config.model_dtype": _to("learner.model.dtype", _choice(_DTYPE, "fsdp_config.model_dtype")),
+    ACTOR + "fsdp_config.mixed_precision.param_dtype": lambda t, v: t.set(
+        "learner.model.mixed_precision", _choice(_DTYPE, "mixed_precision.param_dtype")(v) == "bfloat16"),
     ACTOR + "ulysses_sequence_parallel_size": _only(1, "actor.ulysses_sequence_parallel_size=1: no sequence "
                                                     "parallelism, as here", "sequence parallelism is not supported"),
     ACTOR + "use_dynamic_bsz": _only(False, "actor.use_dynamic_bsz=False: fixed micro-batches, as here",
@@ -309,7 +313,8 @@ RULES: dict[str, Callable[[Translation, Any], None]] = {
     ROLLOUT + "max_num_seqs": _to("rollout.engine.max_num_seqs", _pos_int),
     ROLLOUT + "max_model_len": _to("rollout.engine.max_model_len", _pos_int),
     ROLLOUT + "max_num_batched_tokens": _to("rollout.engine.max_num_batched_tokens", _pos_int),
-    ROLLOUT + "dtype": _to("rollout.engine.dtype", _choice(("float32", "bfloat16", "float16"), "rollout dtype")),
+    ROLLOUT + "dtype": _to("rollout.engine.dtype", _choice({**_DTYPE, "float16": "float16", "fp16": "float16"},
+                                                           "rollout dtype")),
     ROLLOUT + "enable_prefix_caching": _to("rollout.engine.enable_prefix_caching", _bool),
     ROLLOUT + "load_format": _only("safetensors", "rollout.load_format=safetensors: weights are always "
                                    "safetensors here", "weights load from safetensors only"),
@@ -379,7 +384,35 @@ def translate(pairs: list[tuple[str, str]]) -> Translation:
             errors.append(str(e))
     if errors:
         raise VerlError("cannot translate this verl command line:\n  " + "\n  ".join(errors))
+    _generic_defaults(t)
     return t
+
+
+def _generic_defaults(t: Translation) -> None:
+    """A verl command line runs on loraloop's generic defaults where it says nothing, not on the
+    tiny demo's (`up` with no config): the demo's micro-batch of 256 rows, 15 s lease deadline,
+    KL metric every 10th step and checkpoint every 100 steps are sized for a 0.3 M model on 2
+    CPU cores. The Ray launcher starts from the same generic defaults."""
+    from services.learner.config import LearnerConfig
+    from services.rollout.config import RolloutConfig
+    from services.stack_config import DEMO_LEARNER, DEMO_ROLLOUT
+
+    for section, demo, generic in (("learner", DEMO_LEARNER, LearnerConfig()), ("rollout", DEMO_ROLLOUT,
+                                                                               RolloutConfig())):
+        plain = generic.model_dump()
+        for dotted in _leaves(demo.model_dump(exclude_unset=True)):
+            if t.get(f"{section}.{dotted}") is None:
+                node: Any = plain
+                for part in dotted.split("."):
+                    node = node[part]
+                t.set(f"{section}.{dotted}", node)
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
 
 
 def _combine(t: Translation) -> None:
@@ -420,6 +453,14 @@ def _combine(t: Translation) -> None:
         t.set("learner.nproc", nproc)
         t.notes.append(f"learner: {nproc} FSDP2 rank(s); rollout replicas are separate processes "
                        "(rollout_replicas, each with rollout.engine.tensor_parallel_size GPUs)")
+    # verl's dtypes: the rollout engine in bf16 (rollout.dtype), the actor's weights in fp32 with bf16
+    # compute (fsdp_config.model_dtype, mixed_precision.param_dtype). Both only where no key said.
+    if t.get("rollout.engine.dtype") is None:
+        t.set("rollout.engine.dtype", "bfloat16")
+        t.notes.append("rollout.dtype: bfloat16, verl's default")
+    if t.get("learner.model.mixed_precision") is None and t.get("learner.model.dtype") in (None, "float32"):
+        t.set("learner.model.mixed_precision", True)
+        t.notes.append("actor: float32 weights with bfloat16 compute (FSDP2 mixed precision), verl's default")
     # The engine must hold the longest prompt + response.
     if "data.max_prompt_length" in g and t.get("rollout.engine.max_model_len") is None:
         t.set("rollout.engine.max_model_len", g["data.max_prompt_length"] + t.get("learner.data.max_tokens", 0))

@@ -1,11 +1,11 @@
 # Modelled on verl's GSM8K GRPO LoRA example for Qwen2.5-3B-Instruct (examples/grpo_trainer in
-# verl), with this machine's paths and without its validation keys (val_files, test_freq: not
-# supported here yet). Run it with:
+# verl), with this machine's paths. Run it with:
 #   loraloop up --verl-file examples/verl/qwen2.5-3b-gsm8k-lora.sh --print-config
 #   loraloop up --verl-file examples/verl/qwen2.5-3b-gsm8k-lora.sh
 python3 -m verl.trainer.main_ppo \
     algorithm.adv_estimator=grpo \
     data.train_files=/data/gsm8k/train.parquet \
+    data.val_files=/data/gsm8k/test.parquet \
     data.train_batch_size=16 \
     data.max_prompt_length=512 \
     data.max_response_length=1024 \
@@ -43,4 +43,5 @@ python3 -m verl.trainer.main_ppo \
     trainer.n_gpus_per_node=8 \
     trainer.nnodes=1 \
     trainer.save_freq=20 \
+    trainer.test_freq=5 \
     trainer.total_epochs=15

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 def _init_distributed() -> None:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo beside nccl: with CPU offload, gradient clipping and the adapter gather run
+        # collectives on CPU-resident shards, which nccl cannot (verl does the same).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _resume_path(cfg: LearnerConfig) -> Path | None:

@@ -49,6 +49,16 @@ def test_the_reference_command_translates_every_key():
     assert (eng.tensor_parallel_size, eng.gpu_memory_utilization, eng.max_num_seqs) == (8, 0.4, 64)
     assert (eng.max_model_len, eng.max_num_batched_tokens, eng.max_lora_rank) == (1536, 1536, 32)
     assert cfg.model_shm is True
+    # verl's dtypes: vLLM in bf16, the actor fp32 with bf16 compute.
+    assert eng.dtype == "bfloat16" and lm.mixed_precision is True and lm.dtype == "float32"
+    # Where the command says nothing: loraloop's generic defaults, not the tiny demo's.
+    from services.learner.config import LearnerConfig
+
+    generic = LearnerConfig()
+    assert (algo.micro_batch_size, algo.log_kl_every, data.lease_deadline_s, cfg.learner.checkpoint.every) == (
+        generic.algo.micro_batch_size, generic.algo.log_kl_every, generic.data.lease_deadline_s,
+        generic.checkpoint.every)
+    assert algo.micro_batch_size != 256  # the demo's
     # verl's defaults where ours differ and the update changes: dual clip at 3, no KL loss.
     assert algo.dual_clip_c == 3.0 and algo.kl_coef == 0.0 and not algo.kl_in_reward
     notes = "\n".join(t.notes)
@@ -120,6 +130,9 @@ def test_grpo_and_ppo_keys():
     for verl_kl, ours in (("low_var_kl+", "k3+"), ("kl+", "k1+"), ("abs", "abs"), ("mse+", "k2")):
         assert _cfg(f"actor_rollout_ref.actor.kl_loss_type={verl_kl}").learner.algo.kl_type == ours
     assert _cfg("actor_rollout_ref.actor.loss_agg_mode=token-sum").learner.algo.loss_agg == "token-sum"
+    bf = _cfg("actor_rollout_ref.actor.fsdp_config.model_dtype=bf16 actor_rollout_ref.rollout.dtype=float32")
+    assert (bf.learner.model.dtype, bf.learner.model.mixed_precision, bf.rollout.engine.dtype) == (
+        "bfloat16", False, "float32")
     for bad, why in (("actor_rollout_ref.actor.use_kl_loss=True algorithm.use_kl_in_reward=True", "choose one"),
                      ("data.train_batch_size=30 actor_rollout_ref.actor.ppo_mini_batch_size=8", "not a multiple"),
                      ("trainer.n_gpus_per_node=2 actor_rollout_ref.actor.fsdp_config.fsdp_size=4", "fsdp_size=4"),
@@ -204,5 +217,7 @@ def test_the_examples_translate(name: str, tmp_path: Path):
         assert (cfg.learner.model.lora_rank, a.kl_coef, a.kl_type, a.mini_batches) == (64, 0.001, "k3", 1)
         assert cfg.learner.steps == 15 * (7473 // 16) and cfg.rollout.engine.tensor_parallel_size == 2
         assert cfg.rollout.engine.max_model_len == 512 + 1024
+        v = cfg.learner.validation
+        assert (v.dataset, v.every, v.before_train, v.at_end) == ("/data/gsm8k/test.parquet", 5, True, True)
     else:
         assert cfg.learner.nproc == 8 and cfg.learner.model.cpu_offload and cfg.learner.steps == 500
