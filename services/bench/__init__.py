@@ -32,6 +32,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "learner memory at publish: LoRA-only gather vs the full state dict, 1 vs N ranks, CPU offload"),
     "all": ("services.bench.all",
             "every benchmark above (but traffic), one at a time, and docs/benchmarks.md with their tables and plots"),
+    "rank": ("services.bench.rank",
+             "LoRA ranks 1/8/32 vs full fine-tuning, lr sweep x seeds, one harness: docs/lora-rank.md (~30 min)"),
 }
 
 
