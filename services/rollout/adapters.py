@@ -477,9 +477,11 @@ class AdapterManager:
         names' versions stay until least recently used (`capacity`)."""
         if name not in self.followed and self.capacity is not None:
             return
-        latest = self.latest.get(name)
         for key, lv in list(self.loaded.items()):
-            if key[0] == name and key[1] != latest and lv.active == 0:
+            # Re-checked for each: the awaits below let other requests end (and drain the same
+            # versions) or the latest move meanwhile.
+            if (key[0] == name and key[1] != self.latest.get(name) and lv.active == 0
+                    and self.loaded.get(key) is lv):
                 await self._unload(key)
                 log.info("unloaded %s (drained)", lv.record.ref)
 

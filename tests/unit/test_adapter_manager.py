@@ -133,6 +133,38 @@ def test_latest_resolves_at_admission_and_old_version_drains(setup):
     run(scenario())
 
 
+def test_requests_ending_together_drain_each_old_version_once(tmp_path, make_broker):
+    """Two requests holding two old versions end while the engine's unload yields: each
+    version is unloaded once (seen in the chaos run: the second drain popped a version the first
+    had already unloaded, KeyError, and a finished request answered 500)."""
+
+    class SlowRemove(FakeEngine):
+        async def remove_lora(self, lora) -> None:
+            await asyncio.sleep(0.02)
+            await super().remove_lora(lora)
+
+    engine, broker = SlowRemove(), make_broker()
+    m = AdapterManager(engine, broker, BaseModel(FP, WEIGHTS, 16), tmp_path)
+
+    async def hold(selector: str, release: asyncio.Event) -> None:
+        async with m.acquire(selector):
+            await release.wait()
+
+    async def scenario():
+        for seed in (1, 2, 3):
+            await m.on_published(broker.publish("p", seed))
+        release = asyncio.Event()
+        held = [asyncio.create_task(hold(sel, release)) for sel in ("p@v1", "p@v2")]
+        await _until(lambda: ("p", 1) in m.loaded and ("p", 2) in m.loaded and m.loaded[("p", 2)].active)
+        release.set()
+        await asyncio.gather(*held)  # raised KeyError before the fix
+        assert set(m.loaded) == {("p", 3)}
+        for v in ("p@v1", "p@v2"):  # each load (as latest, then pinned again) unloaded once
+            assert engine.calls.count(f"remove {v}") == engine.calls.count(f"add {v}") == 2, engine.calls
+
+    run(scenario())
+
+
 def test_pinned_old_version_is_fetched_again(setup):
     _engine, broker, m = setup
 
