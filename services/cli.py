@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learner": ("services.learner.server", "run the learner: GRPO/PPO with LoRA under FSDP2, publishes adapters"),
     "export": ("services.learner.export", "write an adapter as a PEFT dir, or merged into its base (--merge)"),
     "up": ("services.stack", "run the whole loop locally: Redis, broker, learner, rollout replicas"),
+    "chaos": ("services.chaos", "run the local stack while SIGKILLing each service in turn, and check nothing was lost"),
     "plot": ("services.plot", "draw a run's reward, KL, entropy and response-length curves to a PNG"),
     "bench": ("services.bench", "benchmarks that print their figures (broker, rollout, learner, serving, traffic, peers, all)"),
     "proto": ("services.common.protogen", "regenerate (gen) or verify (check) the code generated from proto/"),

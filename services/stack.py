@@ -3,12 +3,15 @@
 With no CONFIG it runs the tiny arithmetic demo: builds (and warm-starts) the tiny model on
 first run, starts redis-server (own port, data dir and password under the run dir, AOF
 fsync always), the broker, the learner (under torchrun when it has several ranks) and R
-rollout replicas, waits on their health checks, shows one progress bar, replaces a rollout
-replica that dies, and stops every process it started (by pid) at the end or on Ctrl-C.
+rollout replicas, waits on their health checks, shows one progress bar, restarts any service
+that dies (Redis from its AOF, the broker, a learner from its last checkpoint, a replica; with
+backoff, `restart.max_restarts` times each, every restart printed and in logs/restarts.jsonl),
+and stops every process it started (by pid) at the end or on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import secrets
@@ -16,7 +19,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,31 +30,54 @@ from services.common.config import config_cli, to_toml
 from services.common.net import free_port
 from services.learner.config import LearnerConfig
 from services.rollout.config import LearnerTarget, RolloutConfig
-from services.stack_config import ALIASES, StackConfig
+from services.stack_config import ALIASES, RestartConfig, StackConfig
+
+
+class ServiceFailed(RuntimeError):
+    """A service died more often than the restart policy allows."""
 
 
 @dataclass
 class Supervisor:
-    """Starts named processes, checks they stay up, stops them all (reverse order) by pid."""
+    """Starts named processes, checks they stay up, restarts those that die (bounded backoff,
+    at most `policy.max_restarts` each), stops them all (reverse order) by pid."""
 
     log_dir: Path
+    policy: RestartConfig = field(default_factory=RestartConfig)
+    scratch: Path | None = None  # each service's TMPDIR is scratch/<name>, emptied when it restarts and at the end
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     specs: dict[str, tuple] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)  # name -> monotonic time of its restart
+    started: dict[str, float] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
               cpus: set[int] | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        spec = (args, env, cpus)
+        if self.scratch is not None:  # what a SIGKILLed service leaves in its TMPDIR goes with it
+            tmp = self.scratch / name
+            tmp.mkdir(parents=True, exist_ok=True)
+            base = env if env is not None else os.environ
+            # ... but not torch's compiled-kernel cache, which lives under TMPDIR by default: a
+            # replica compiling its CPU kernels again after each restart took minutes, not seconds.
+            inductor = base.get("TORCHINDUCTOR_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
+                                                                  f"torchinductor_{getpass.getuser()}")
+            env = {**base, "TMPDIR": str(tmp), "TORCHINDUCTOR_CACHE_DIR": inductor}
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin,
                                     start_new_session=True)  # Ctrl-C reaches us, not the children
-        self.procs[name], self.specs[name] = proc, (args, env, cpus)
+        self.procs[name], self.specs[name] = proc, spec
+        self.started[name] = time.monotonic()
         pids = {n: p.pid for n, p in self.procs.items()}
         (self.log_dir / "pids.json").write_text(json.dumps(pids))  # for people and tests
         return proc
 
     def restart(self, name: str) -> subprocess.Popen:
         self.reap_group(name)  # a killed rollout leaves vLLM's engine processes behind
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch / name, ignore_errors=True)
         args, env, cpus = self.specs[name]
         return self.start(name, args, env, cpus)
 
@@ -73,6 +101,48 @@ class Supervisor:
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
+    def supervise(self, done: set[str] = frozenset(), say=print) -> list[str]:
+        """One pass of the restart policy over the services not in `done` (those that ended as
+        they should): a newly dead one is scheduled for a restart after its backoff (or, past
+        `max_restarts`, raises ServiceFailed with its log tail); one whose backoff is over is
+        started again. Returns the names restarted in this pass."""
+        now, restarted = time.monotonic(), []
+        for name in self.dead():
+            if name in done:
+                continue
+            if name not in self.due:
+                n, code = self.restarts.get(name, 0), self.procs[name].returncode
+                up_s = now - self.started[name]
+                if n >= self.policy.max_restarts:
+                    self._record(name, "gave_up", code, n, up_s)
+                    raise ServiceFailed(f"{name} exited with code {code} after {up_s:.1f} s, and has been "
+                                        f"restarted {n} time(s) already (restart.max_restarts = "
+                                        f"{self.policy.max_restarts}); its log ({self.log_dir / (name + '.log')}) "
+                                        f"ends:\n{self.log_tail(name)}")
+                wait = min(self.policy.backoff_s * 2 ** n, self.policy.backoff_max_s)
+                self.due[name] = now + wait
+                self._record(name, "exited", code, n, up_s)
+                say(f"{name} exited (code {code}, up {up_s:.1f} s); restarting it in {wait:.1f} s "
+                    f"(restart {n + 1} of at most {self.policy.max_restarts})")
+            elif now >= self.due[name]:
+                del self.due[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                proc = self.restart(name)
+                self._record(name, "restarted", None, self.restarts[name], 0.0, pid=proc.pid)
+                say(f"{name} restarted (pid {proc.pid})")
+                restarted.append(name)
+        return restarted
+
+    def _record(self, name: str, event: str, code: int | None, restarts: int, up_s: float, **extra) -> None:
+        """One line of logs/restarts.jsonl (for people, `loraloop chaos` and tests)."""
+        with open(self.log_dir / "restarts.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "service": name, "event": event, "code": code,
+                                "restarts": restarts, "up_s": round(up_s, 3), **extra}) + "\n")
+
+    @property
+    def total_restarts(self) -> int:
+        return sum(self.restarts.values())
+
     def log_tail(self, name: str, lines: int = 15) -> str:
         return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
 
@@ -91,6 +161,14 @@ class Supervisor:
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        # A replica SIGKILLed (and not restarted far enough to sweep them itself) leaves its
+        # adapter cache in RAM; the sweep removes only those whose owner process is gone.
+        from services.common import scratch
+        from services.rollout.adapters import CACHE_PREFIX
+
+        scratch.sweep(scratch.ram_or_temp(), CACHE_PREFIX)
 
 
 def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: float) -> None:
@@ -364,7 +442,8 @@ def _summary(run_dir: Path, wall_s: float) -> dict:
     """First/last 5-step mean rewards of the run whose metrics.jsonl is in run_dir."""
     from services.learner.metrics import read_metrics
 
-    rows = read_metrics(run_dir)
+    # A learner restarted from its checkpoint writes the steps since it again: the last row of a step counts.
+    rows = sorted({r["step"]: r for r in read_metrics(run_dir)}.values(), key=lambda r: r["step"])
     rewards = [r["reward/mean"] for r in rows]
     first = sum(rewards[:5]) / max(1, len(rewards[:5]))
     last = sum(rewards[-5:]) / max(1, len(rewards[-5:]))
@@ -423,6 +502,7 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
     tails = {r.proc: _MetricsTail(r.run_dir / "metrics.jsonl") for r in st.runs}
     val_tails = {r.proc: _MetricsTail(r.run_dir / "val_metrics.jsonl") for r in st.runs}
     done = dict.fromkeys(tails, 0)
+    posts: dict[str, dict] = {k: {} for k in tails}
     bars = {r.proc: tqdm(total=r.steps, desc=r.adapter if several else "training", unit="step", position=k,
                          dynamic_ncols=True) for k, r in enumerate(st.runs)}
     try:
@@ -436,28 +516,23 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
                                    + (f" (rollout-0: engine ready {rs[0]:.1f} s after its process started, "
                                       f"vLLM's engine start {rs[1]:.1f} s of it)" if rs else ""))
                     bar.n = done[r.proc] = row["step"]
-                    bar.set_postfix({"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
-                                     "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",
-                                     "stale": f"{row.get('staleness/mean', 0):.2f}"}, refresh=False)
+                    post = {"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
+                            "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",
+                            "stale": f"{row.get('staleness/mean', 0):.2f}"}
+                    if st.sup.total_restarts:
+                        post["restarts"] = st.sup.total_restarts
+                    posts[r.proc] = post
+                    bar.set_postfix(post, refresh=False)
                     bar.refresh()
                 for row in val_tails[r.proc].rows():
                     tqdm.write(f"{r.adapter + ': ' if several else ''}{val_line(row)}")
-            finished = 0
-            for r in st.runs:
-                learner = st.sup.procs[r.proc]
-                if learner.poll() is not None:
-                    if learner.returncode != 0:
-                        raise RuntimeError(f"{r.proc} exited with code {learner.returncode}:\n"
-                                           f"{st.sup.log_tail(r.proc)}")
-                    finished += 1
-            if finished == len(st.runs):
+            # A learner that exited 0 has finished its steps; any other death is the restart policy's.
+            finished = {r.proc for r in st.runs if st.sup.procs[r.proc].poll() == 0 and r.proc not in st.sup.due}
+            if len(finished) == len(st.runs):
                 return
-            for name in st.sup.dead():
-                if name.startswith("rollout-"):
-                    tqdm.write(f"{name} exited (code {st.sup.procs[name].returncode}); starting a replacement")
-                    st.sup.restart(name)
-                elif not any(name == r.proc for r in st.runs):
-                    raise RuntimeError(f"{name} exited:\n{st.sup.log_tail(name)}")
+            if st.sup.supervise(finished, say=tqdm.write):
+                for proc, bar in bars.items():
+                    bar.set_postfix({**posts[proc], "restarts": st.sup.total_restarts}, refresh=True)
             time.sleep(0.5)
     finally:
         for bar in bars.values():
@@ -558,6 +633,23 @@ def main(argv: list[str]) -> int:
         return 0
     if print_only:
         return 0
+    return run(cfg)
+
+
+@dataclass
+class Hooks:
+    """What a caller of `run` (e.g. `loraloop chaos`) does around the stack: `started` once every
+    service is up, `finished` when training is over and the services still run, `stopping`
+    always, before they are stopped."""
+
+    started: Callable[[Stack], None] = lambda st: None
+    finished: Callable[[Stack], None] = lambda st: None
+    stopping: Callable[[], None] = lambda: None
+
+
+def run(cfg: StackConfig, hooks: Hooks | None = None) -> int:
+    """Start the stack of `cfg`, follow it to the end, stop it; the exit code of `loraloop up`."""
+    hooks = hooks or Hooks()
     try:
         redis_server.require()
     except RuntimeError as e:
@@ -565,7 +657,7 @@ def main(argv: list[str]) -> int:
         return 1
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(run_dir / "logs")
+    sup = Supervisor(run_dir / "logs", cfg.restart, scratch=run_dir / "scratch")
     t0 = time.monotonic()
     try:
         model = prepare_model(cfg, run_dir)
@@ -584,7 +676,9 @@ def main(argv: list[str]) -> int:
             models = ", ".join(f'"{r.adapter}@latest", "{r.adapter}@vN"' for r in st.runs)
             print(f"OpenAI API (while it trains): {', '.join(st.openai_urls())} -- `source {run_dir}/stack.env` "
                   f"sets OPENAI_BASE_URL and OPENAI_API_KEY; model {models} or \"{model}\" (the base)", flush=True)
+        hooks.started(st)
         follow_progress(st, t0)
+        hooks.finished(st)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 130
@@ -592,7 +686,10 @@ def main(argv: list[str]) -> int:
         print(f"loraloop up: {e}", file=sys.stderr)
         return 1
     finally:
-        sup.stop_all()
+        try:
+            hooks.stopping()
+        finally:
+            sup.stop_all()
     wall_s = time.monotonic() - t0
     summaries = {}
     for r in st.runs:

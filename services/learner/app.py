@@ -182,6 +182,12 @@ class Coordinator:
                 last_log = time.monotonic()
         return None
 
+    def record_batch(self, step: int, groups: list) -> None:
+        """<run_dir>/consumed.jsonl: the group ids trained at each step (a step redone after a
+        restart appears again; its last line is the one that counts)."""
+        with open(Path(self.cfg.run_dir) / "consumed.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "groups": [g.group_id for g in groups]}) + "\n")
+
     def state(self, version: int, trainer: Trainer) -> dict:
         return {"version": version, "epoch": self.epoch, "run_id": self.run_id,
                 "scheduler": trainer.scheduler.state_dict(), "kl_coef_now": trainer.kl_coef_now,
@@ -334,6 +340,8 @@ def run(cfg: LearnerConfig, stop: threading.Event | None = None) -> None:
             if coord:
                 groups = coord.next_groups(stop)
                 batch = collate(groups) if groups is not None else None
+                if groups is not None:
+                    coord.record_batch(step + 1, groups)
             t_wait = time.perf_counter() - t0
             batch = broadcast(batch)
             if batch is None:  # rank 0 was stopped

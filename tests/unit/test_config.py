@@ -141,4 +141,4 @@ def test_a_partial_learner_or_rollout_keeps_the_stack_defaults():
     assert cfg.learner.model_copy(update={"steps": DEMO_LEARNER.steps}) == DEMO_LEARNER
     assert cfg.rollout.model_copy(update={"log_level": DEMO_ROLLOUT.log_level}) == DEMO_ROLLOUT
     assert (cfg.learner.algo.micro_batch_size, cfg.learner.algo.log_kl_every, cfg.learner.checkpoint.every) == (
-        256, 10, 100)
+        256, 10, 20)
