@@ -13,7 +13,8 @@ from pathlib import Path
 
 def test_chaos_run_loses_nothing(tmp_path: Path):
     run = tmp_path / "chaos"
-    out = subprocess.run([sys.executable, "-m", "services.cli", "chaos", "--seed=1", "--clients=2",
+    # 200 steps (the command's default is 300): the four kills are over by about step 100.
+    out = subprocess.run([sys.executable, "-m", "services.cli", "chaos", "--seed=1", "--clients=2", "--steps=200",
                           f"--run-dir={run}"], capture_output=True, text=True, timeout=1500)
     tail = "\n".join(line for line in (out.stdout + out.stderr).replace("\r", "\n").splitlines()
                      if not line.startswith("training"))[-6000:]
