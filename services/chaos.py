@@ -422,7 +422,7 @@ def check_requests(reqs: list[Request], kills: list[Kill], records: list, adapte
                f"{len(wrong)} answers from a version not committed or not the one pinned")
 
 
-def check_cleanup(run_dir: Path, shm_before: set[str], report: Report) -> None:
+def check_cleanup(run_dir: Path, scratch: Path, shm_before: set[str], report: Report) -> None:
     logs = run_dir / "logs"
     pids = set(json.loads((logs / "pids.json").read_text()).values()) if (logs / "pids.json").exists() else set()
     if (logs / "restarts.jsonl").exists():
@@ -437,8 +437,7 @@ def check_cleanup(run_dir: Path, shm_before: set[str], report: Report) -> None:
             pass
     report.add("every process stopped", not alive, f"{len(pids)} service processes started, "
                f"{len(alive)} process groups still alive" + (f": {alive}" if alive else ""))
-    scratch = run_dir / "scratch"
-    left = [str(p) for p in scratch.rglob("*")] if scratch.exists() else []
+    left = [str(p) for p in scratch.rglob("*")] + [str(scratch)] if scratch.exists() else []
     shm_left = sorted(_shm() - shm_before)
     report.add("no scratch files left", not left and not shm_left,
                f"{len(left)} under {scratch}, {len(shm_left)} new in /dev/shm" + (f": {(left + shm_left)[:5]}" if
@@ -540,7 +539,7 @@ def main(argv: list[str]) -> int:
     if code != 0 or "monkey" not in state:
         print(f"loraloop chaos: the run itself failed (exit code {code})", file=sys.stderr)
         return code or 1
-    check_cleanup(run_dir, shm_before, report)
+    check_cleanup(run_dir, state["st"].sup.scratch, shm_before, report)
     kills = state["monkey"].kills
     print_report(report, kills)
     for what, n in report.figures.get("requests", {}).get("failure_details", {}).items():

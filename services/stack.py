@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -636,6 +637,10 @@ def main(argv: list[str]) -> int:
     return run(cfg)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @dataclass
 class Hooks:
     """What a caller of `run` (e.g. `loraloop chaos`) does around the stack: `started` once every
@@ -657,8 +662,15 @@ def run(cfg: StackConfig, hooks: Hooks | None = None) -> int:
         return 1
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(run_dir / "logs", cfg.restart, scratch=run_dir / "scratch")
+    # Each service's TMPDIR under a short root (/tmp/ll-XXXXXXXX/<service>): vLLM binds its ZMQ
+    # IPC sockets there, and a socket path must stay under 108 bytes (one under a pytest run
+    # dir did not, and every replica failed to start).
+    sup = Supervisor(run_dir / "logs", cfg.restart, scratch=Path(tempfile.mkdtemp(prefix="ll-")))
     t0 = time.monotonic()
+    # SIGTERM (kill, systemd, docker stop, a test's timeout) stops the stack as Ctrl-C does,
+    # instead of leaving every service running without us.
+    on_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         model = prepare_model(cfg, run_dir)
         if cfg.model_shm:
@@ -690,6 +702,8 @@ def run(cfg: StackConfig, hooks: Hooks | None = None) -> int:
             hooks.stopping()
         finally:
             sup.stop_all()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     wall_s = time.monotonic() - t0
     summaries = {}
     for r in st.runs:
