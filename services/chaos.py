@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.stack import _MetricsTail
+
 # The replica last: on 2 cores a replica restarting beside a training one takes minutes (its
 # engine start shares core 0 with the other replica's generation), so it comes back once
 # training has ended; the services before it come back in seconds and training goes on.
@@ -230,13 +232,15 @@ class Monkey:
         self.kills[0].after_step = first_kill_step(steps, self.rng)
         self.stop = threading.Event()
         self.error: str | None = None
+        self._tail, self._step = _MetricsTail(st.runs[0].run_dir / "metrics.jsonl"), 0
         self.thread = threading.Thread(target=self._run, name="chaos-monkey", daemon=True)
 
     def step(self) -> int:
-        from services.learner.metrics import read_metrics
-
-        rows = read_metrics(self.st.runs[0].run_dir)
-        return rows[-1]["step"] if rows else 0
+        """The learner's last step row; new lines only are read (`up`'s own metrics tail), not the
+        whole file at every poll."""
+        for row in self._tail.rows():
+            self._step = row["step"]
+        return self._step
 
     def _target(self, kind: str) -> str:
         if kind == "rollout":
@@ -446,7 +450,7 @@ def check_cleanup(run_dir: Path, scratch: Path, shm_before: set[str], report: Re
 
 def _shm() -> set[str]:
     try:
-        return {p.name for p in Path("/dev/shm").iterdir() if p.owner() == Path.home().owner()}
+        return {p.name for p in Path("/dev/shm").iterdir() if p.stat().st_uid == os.getuid()}
     except OSError:
         return set()
 
