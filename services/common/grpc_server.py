@@ -9,7 +9,7 @@ import hmac
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,51 @@ class AccessPolicy:
         return role
 
 
+class _Malformed:
+    """A request message that did not parse (its bytes are not the method's protobuf: corrupt
+    wire format, a string field that is not UTF-8), handed to the handler in its place."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(f"malformed request message: {self.error}")
+
+
+def _tolerant(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """`deserialize`, returning a _Malformed instead of raising: grpc answers a deserializer's
+    exception UNKNOWN (unary requests) or INTERNAL (streamed ones), where the caller's bytes are
+    at fault (INVALID_ARGUMENT)."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as e:
+            return _Malformed(e)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[object]) -> AsyncIterator[object]:
+    async for r in requests:
+        if isinstance(r, _Malformed):
+            raise r.invalid()
+        yield r
+
+
+def _check(request: object, streamed: bool) -> object:
+    if streamed:
+        return _checked(request)  # type: ignore[arg-type]
+    if isinstance(request, _Malformed):
+        raise request.invalid()
+    return request
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the caller's token, then maps domain errors raised by a handler to statuses."""
+    """Checks the caller's token, then maps domain errors raised by a handler to statuses
+    (a request message that does not parse: INVALID_ARGUMENT)."""
 
     def __init__(self, policy: AccessPolicy) -> None:
         self.policy = policy
@@ -59,7 +102,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method, policy = details.method, self.policy
+        method, policy, streamed = details.method, self.policy, handler.request_streaming
 
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             code = status_of(exc)
@@ -74,7 +117,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def streaming(request, context):
                 try:
                     policy.check(method, context.invocation_metadata() or ())
-                    async for item in inner(request, context):
+                    async for item in inner(_check(request, streamed), context):
                         yield item
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
@@ -90,7 +133,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):
                 try:
                     policy.check(method, context.invocation_metadata() or ())
-                    return await inner(request, context)
+                    return await inner(_check(request, streamed), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as e:
@@ -99,7 +142,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                     else grpc.stream_unary_rpc_method_handler)
             fn = unary
-        return make(fn, request_deserializer=handler.request_deserializer,
+        return make(fn, request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
 
 
