@@ -30,6 +30,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "the learner's update on the demo batch (Policy + Trainer) vs a plain peft + torch loop, same threads"),
     "publish": ("services.bench.publish",
                 "learner memory at publish: LoRA-only gather vs the full state dict, 1 vs N ranks, CPU offload"),
+    "load": ("services.bench.load",
+             "512 gRPC + 256 OpenAI streams on one replica, 10,000 publishes: errors, p99, RSS, fds/threads, Redis"),
     "all": ("services.bench.all",
             "every benchmark above (but traffic), one at a time, and docs/benchmarks.md with their tables and plots"),
     "rank": ("services.bench.rank",
