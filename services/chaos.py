@@ -482,6 +482,8 @@ def main(argv: list[str]) -> int:
         return 0
     if cfg.runs:
         raise SystemExit("loraloop chaos: one run at a time (no [[runs]])")
+    if cfg.tls.enabled:  # its probes and clients speak plain HTTP/gRPC; `up` itself runs with TLS
+        raise SystemExit("loraloop chaos: runs without TLS (drop [tls]); `loraloop up` runs a TLS stack")
     if cfg.rollout_replicas < 1 and "rollout" in opts.order:
         raise SystemExit("loraloop chaos: killing a replica needs rollout_replicas >= 1")
     run_dir = Path(cfg.run_dir).resolve()

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.broker.config import BrokerConfig
 from services.common import redis_server
 from services.common.config import config_cli, to_toml
 from services.common.net import free_port
@@ -172,7 +173,7 @@ class Supervisor:
         scratch.sweep(scratch.ram_or_temp(), CACHE_PREFIX)
 
 
-def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: float) -> None:
+def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: float, tls=None) -> None:
     from services.common import net
 
     def exited() -> str | None:
@@ -182,7 +183,7 @@ def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: floa
         return None
 
     try:
-        net.wait_healthy(target, timeout_s, exited)
+        net.wait_healthy(target, timeout_s, exited, tls=tls)
     except TimeoutError:
         raise RuntimeError(f"{', '.join(names)} not healthy after {timeout_s:.0f}s (logs in {sup.log_dir})") from None
 
@@ -296,7 +297,7 @@ class Stack:
         return name
 
     def openai_urls(self) -> list[str]:
-        scheme = "https" if self.cfg.rollout.tls.enabled else "http"
+        scheme = "https" if self.cfg.rollout.tls.enabled or self.cfg.tls.enabled else "http"
         return [f"{scheme}://127.0.0.1:{p}/v1" for p in self.http_ports]
 
 
@@ -339,7 +340,17 @@ def service_configs(cfg: StackConfig, model: str, broker: str,
     rc.engine.max_model_len = max(16, min(rc.engine.max_model_len,
                                           model_max_len(Path(model), rc.engine.max_model_len)))
     rc.adapters.follow = sorted({*rc.adapters.follow, *(lc.adapter_name for lc in configs)})
+    if cfg.tls.enabled:  # every server speaks TLS with the stack's certificate, every client verifies it
+        for c in (*configs, rc):
+            c.tls, c.client_tls = cfg.tls.server(), cfg.tls.client()
     return configs, rc
+
+
+def broker_config(cfg: StackConfig) -> BrokerConfig:
+    b = cfg.broker.model_copy(deep=True)
+    if cfg.tls.enabled:
+        b.tls = cfg.tls.server()
+    return b
 
 
 def write_configs(cfg: StackConfig, out: Path) -> list[Path]:
@@ -363,7 +374,7 @@ def write_configs(cfg: StackConfig, out: Path) -> list[Path]:
     configs, rc = service_configs(cfg, cfg.model, broker, targets)
     for lc, port in zip(configs, ports, strict=True):
         lc.server.port = port
-    files = {out / "broker.toml": cfg.broker, out / "rollout.toml": rc}
+    files = {out / "broker.toml": broker_config(cfg), out / "rollout.toml": rc}
     files.update({out / ("learner.toml" if one else f"{lc.adapter_name}/learner.toml"): lc for lc in configs})
     for path, section in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +400,7 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
     except RuntimeError:
         raise RuntimeError(f"redis did not start:\n{sup.log_tail('redis')}") from None
     # Broker
-    b = cfg.broker.model_copy(deep=True)
+    b = broker_config(cfg)
     b.server.port, b.redis.url = free_port(), f"redis://127.0.0.1:{redis_port}/0"
     (run_dir / "broker.toml").write_text(to_toml(b.model_dump()))
     sup.start("broker", [*py, "broker", str(run_dir / "broker.toml")], env)
@@ -428,14 +439,16 @@ def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -
         f"LORALOOP_BROKER={st.broker}\nLORALOOP_LEARNER={st.learner}\n"
         f"LORALOOP_LEARNERS={','.join(f'{r.adapter}={r.address}' for r in st.runs)}\n"
         f"LORALOOP_TOKEN={tokens['learner']}\nLORALOOP_ROLLOUT_TOKEN={tokens['rollout']}\n"
-        f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n{openai}")
+        f"LORALOOP_CLIENT_TOKEN={tokens['client']}\n{openai}"
+        + (f"LORALOOP_TLS_CA={cfg.tls.ca_file}\n" if cfg.tls.enabled else ""))
     # Replicas start beside the learners, not after them: the engine start (~30 s) is the
     # longest, and a replica retries its leases until its learner answers.
     for k in range(cfg.rollout_replicas):
         st.start_rollout(k)
-    wait_healthy(st.broker, sup, ["broker"], 60)
+    probe_tls = cfg.tls.client() if cfg.tls.enabled else None
+    wait_healthy(st.broker, sup, ["broker"], 60, probe_tls)
     for run in st.runs:
-        wait_healthy(run.address, sup, [run.proc], 300)
+        wait_healthy(run.address, sup, [run.proc], 300, probe_tls)
     return st
 
 

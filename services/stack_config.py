@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from services.broker.config import BrokerConfig
-from services.common.config import Section, merge
+from services.common.config import ClientTLSConfig, Section, TLSConfig, merge
 from services.learner.config import (
     AlgoConfig,
     CheckpointConfig,
@@ -55,6 +55,46 @@ class RestartConfig(Section):
     """... up to this."""
 
 
+class StackTLSConfig(Section):
+    cert_file: str | None = None
+    """Certificate (PEM) every service of the stack serves gRPC and the OpenAI API with; it must
+    name 127.0.0.1 (the stack's addresses) among its subject alternative names."""
+    key_file: str | None = None
+    """Its private key (PEM)."""
+    ca_file: str | None = None
+    """CA (PEM) that signed it: each service verifies the others with it, and stack.env names it
+    (LORALOOP_TLS_CA) for clients."""
+    mutual: bool = False
+    """Mutual TLS: the servers also require a client certificate signed by `ca_file`; each
+    service presents `cert_file` as its own (so it must allow client auth too)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file or self.key_file or self.ca_file)
+
+    def server(self) -> TLSConfig:
+        return TLSConfig(cert_file=self.cert_file, key_file=self.key_file, ca_file=self.ca_file if self.mutual else None)
+
+    def client(self) -> ClientTLSConfig:
+        return ClientTLSConfig(ca_file=self.ca_file, cert_file=self.cert_file if self.mutual else None,
+                               key_file=self.key_file if self.mutual else None)
+
+    @model_validator(mode="after")
+    def _complete(self) -> StackTLSConfig:
+        if self.enabled:
+            missing = [k for k in ("cert_file", "key_file", "ca_file") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"tls needs cert_file, key_file and ca_file together (missing: {', '.join(missing)})")
+            from pathlib import Path
+
+            for k in ("cert_file", "key_file", "ca_file"):
+                path = Path(getattr(self, k)).expanduser().resolve()
+                if not path.is_file():
+                    raise ValueError(f"tls.{k}: no file {path}")
+                setattr(self, k, str(path))
+        return self
+
+
 class RunConfig(Section):
     weight: float = Field(1.0, gt=0)
     """This run's share of each replica's leases in flight, relative to the other runs'."""
@@ -95,6 +135,8 @@ class StackConfig(Section):
     """Rollout replicas (model, broker, learner and port filled in by `up`)."""
     broker: BrokerConfig = BrokerConfig()
     """The broker (port and Redis filled in by `up`)."""
+    tls: StackTLSConfig = StackTLSConfig()
+    """TLS between every service of the stack, and on the OpenAI API (off unless files are given)."""
     restart: RestartConfig = RestartConfig()
     """What `up` does when a service dies: Redis comes back from its AOF, the broker as it was, a
     learner from its last checkpoint (new publisher epoch, version numbers go on), a replica

@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", default=os.environ.get("LORALOOP_BROKER", "127.0.0.1:50050"),
                    help="broker address host:port (default: $LORALOOP_BROKER or 127.0.0.1:50050)")
     p.add_argument("--token", default=None, help="bearer token (default: $LORALOOP_TOKEN)")
-    p.add_argument("--tls-ca", default=None, help="CA file: speak TLS and verify the broker with it")
+    p.add_argument("--tls-ca", default=os.environ.get("LORALOOP_TLS_CA") or None,
+                   help="CA file: speak TLS and verify the broker with it (default: $LORALOOP_TLS_CA, "
+                   "which a TLS stack's stack.env sets)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="adapter names, or the versions of one name").add_argument("name", nargs="?")

@@ -27,6 +27,7 @@ import grpc
 
 from loraloop.v1 import adapters_pb2 as pb
 from loraloop.v1 import adapters_pb2_grpc as pb_grpc
+from services.common.config import ClientTLSConfig
 from services.common.errors import DataLoss
 from services.common.names import AdapterSelector, parse_selector, validate_name
 from services.common.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -58,6 +59,7 @@ class BrokerClient:
         token: str | None = None,
         *,
         tls_ca_file: str | None = None,
+        tls: ClientTLSConfig | None = None,
         timeout_s: float = 30.0,
         retries: int = 6,
         backoff_s: float = 0.2,
@@ -67,11 +69,11 @@ class BrokerClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        if tls_ca_file:
-            creds = grpc.ssl_channel_credentials(Path(tls_ca_file).read_bytes())
-            self.channel = grpc.secure_channel(target, creds, options=opts)
-        else:
-            self.channel = grpc.insecure_channel(target, options=opts)
+        if tls is None:
+            tls = ClientTLSConfig(ca_file=tls_ca_file or None)
+        elif tls_ca_file:
+            tls = tls.model_copy(update={"ca_file": tls_ca_file})
+        self.channel = tls.channel(target, opts)
         self.stub = pb_grpc.AdapterRegistryStub(self.channel)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
 

@@ -76,6 +76,47 @@ class TLSConfig(Section):
         return bool(self.cert_file and self.key_file)
 
 
+class ClientTLSConfig(Section):
+    """How this service reaches the other services' gRPC servers (broker, learner) over TLS."""
+
+    ca_file: str | None = None
+    """CA bundle (PEM) that signed the other services' server certificates. Set: every
+    connection this service opens to another one speaks TLS and verifies the server with it."""
+    cert_file: str | None = None
+    """Client certificate (PEM), for servers that require one (their `tls.ca_file` set)."""
+    key_file: str | None = None
+    """Client private key (PEM)."""
+    server_name: str | None = None
+    """Name checked against the servers' certificates instead of the host in the address
+    (a certificate issued for `loraloop` used at 10.0.0.5:50050)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file)
+
+    def credentials(self):  # -> grpc.ChannelCredentials | None
+        """grpc channel credentials, or None for a plain-text channel."""
+        if not self.enabled:
+            return None
+        import grpc
+
+        key = Path(self.key_file).read_bytes() if self.key_file else None
+        cert = Path(self.cert_file).read_bytes() if self.cert_file else None
+        return grpc.ssl_channel_credentials(Path(self.ca_file).read_bytes(), key, cert)  # type: ignore[arg-type]
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.enabled and self.server_name else []
+
+    def channel(self, target: str, options: list | None = None, *, aio: bool = False):
+        """A grpc (or grpc.aio) channel to `target`: TLS when `ca_file` is set, else plain text."""
+        import grpc
+
+        mod = grpc.aio if aio else grpc
+        opts = [*(options or []), *self.channel_options()]
+        creds = self.credentials()
+        return mod.secure_channel(target, creds, options=opts) if creds else mod.insecure_channel(target, options=opts)
+
+
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 for all)."""

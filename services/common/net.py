@@ -15,10 +15,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_healthy(target: str, timeout_s: float, still_alive: Callable[[], str | None] = lambda: None,
-                 channel=None) -> None:
+                 channel=None, tls=None) -> None:
     """Block until `target` answers grpc.health.v1 SERVING.
 
-    `still_alive()` returns None while the server's process lives, else a reason to give up
+    `tls` (a ClientTLSConfig) makes the probe speak TLS. `still_alive()` returns None while the server's process lives, else a reason to give up
     at once (e.g. its exit code and last log lines) instead of waiting out the timeout.
     """
     import grpc
@@ -28,7 +28,10 @@ def wait_healthy(target: str, timeout_s: float, still_alive: Callable[[], str | 
     # Short reconnect backoff: a server that takes minutes to come up (vLLM) is seen at once.
     backoff = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                ("grpc.max_reconnect_backoff_ms", 1000)]
-    ch = grpc.insecure_channel(target, options=backoff) if own else channel
+    if own and tls is not None:  # a ClientTLSConfig: the server speaks TLS
+        ch = tls.channel(target, backoff)
+    else:
+        ch = grpc.insecure_channel(target, options=backoff) if own else channel
     try:
         stub = health_pb2_grpc.HealthStub(ch)
         deadline = time.monotonic() + timeout_s

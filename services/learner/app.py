@@ -78,7 +78,7 @@ class Coordinator:
         from services.learner.service import ROLES_OF_METHOD, SERVICE, LearnerServicer
 
         self.cfg = cfg
-        self.broker = BrokerClient(cfg.broker, os.environ.get(cfg.token_env))
+        self.broker = BrokerClient(cfg.broker, os.environ.get(cfg.token_env), tls=cfg.client_tls)
         self.broker.wait_ready(60)
         self.epoch, self.latest_at_start = self.broker.acquire_publisher(cfg.adapter_name)
         self.fingerprint = model_fingerprint(cfg.model.path)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
+from services.common.config import AuthConfig, ClientTLSConfig, Section, ServerConfig, TLSConfig
 
 # The names registered in services.learner.algorithms (ADVANTAGE_ESTIMATORS, AGG_MODES,
 # KL_ESTIMATORS), spelled out here so that loading a config needs no torch;
@@ -225,6 +225,8 @@ class LearnerConfig(Section):
     """Who may lease and submit (role rollout) or administer (role learner)."""
     tls: TLSConfig = TLSConfig()
     """Optional TLS."""
+    client_tls: ClientTLSConfig = ClientTLSConfig()
+    """TLS to the services this one calls (broker, learner): set `ca_file` to speak TLS to them."""
     log_level: str = "INFO"
     """Python logging level."""
 

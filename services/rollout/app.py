@@ -40,7 +40,7 @@ def process_age_s() -> float | None:
 
 async def run(cfg: RolloutConfig, stop: asyncio.Event | None = None) -> None:
     token = os.environ.get(cfg.token_env)
-    broker = BrokerClient(cfg.broker, token)
+    broker = BrokerClient(cfg.broker, token, tls=cfg.client_tls)
     engine = Engine(cfg.engine)
     manager: AdapterManager | None = None
     http: HttpServer | None = None

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.config import AuthConfig, Section, ServerConfig, TLSConfig
+from services.common.config import AuthConfig, ClientTLSConfig, Section, ServerConfig, TLSConfig
 
 
 class EngineConfig(Section):
@@ -124,6 +124,8 @@ class RolloutConfig(Section):
     """Who may call this server (clients need role client, learner or rollout)."""
     tls: TLSConfig = TLSConfig()
     """Optional TLS for this server."""
+    client_tls: ClientTLSConfig = ClientTLSConfig()
+    """TLS to the services this one calls (broker, learner): set `ca_file` to speak TLS to them."""
     log_level: str = "INFO"
     """Python logging level."""
 

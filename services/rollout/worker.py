@@ -29,6 +29,7 @@ import grpc
 from loraloop.v1 import learner_pb2 as lpb
 from loraloop.v1 import learner_pb2_grpc as lpb_grpc
 from loraloop.v1 import rollout_pb2 as rpb
+from services.common.config import ClientTLSConfig
 from services.common.trajectories import (
     AcceptResult,
     AckCode,
@@ -137,7 +138,8 @@ class RolloutWorker:
     async def _run(self) -> None:
         slots, me = self.slots, self.learner
         assert slots is not None
-        async with grpc.aio.insecure_channel(me) as channel:
+        tls = self.cfg.client_tls if self.cfg is not None else ClientTLSConfig()
+        async with tls.channel(me, aio=True) as channel:
             stub = lpb_grpc.LearnerStub(channel)
             tasks: set[asyncio.Task] = set()
             delay = 0.2
