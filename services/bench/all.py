@@ -52,6 +52,7 @@ STEPS = [
     Step("rollout", "rollout", "rollout engine tok/s with 0/1/8 adapters, and publish-to-served hot-load latency"),
     Step("broker", "broker", "broker publish/fetch MB/s against raw Redis, watch latency"),
     Step("serving", "serving", "OpenAI API: ours vs `vllm serve`, 0/1/8/32 adapters, 1,000 Zipf adapters"),
+    Step("load", "load", "load held: 512 gRPC + 256 OpenAI streams on one replica, 10,000 publishes with retention"),
 ]
 
 
