@@ -344,10 +344,18 @@ class Upload:
         return AdapterVersion.from_json(res[1]), False
 
     async def abort(self) -> None:
-        """Drop the staged bytes (the TTL covers a broker that dies before this runs)."""
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-            with contextlib.suppress(BaseException):
+        """Drop the staged bytes (the TTL covers a broker that dies before this runs).
+
+        The writer is stopped, not cancelled: a staging write cancelled while Redis answers it
+        could land after the DELETE below (leaving the key until its TTL), and a publish failed
+        that way hung until its deadline (1 in ~20 uploads refused mid-way, found by sending a
+        bad safetensors header one byte per chunk). Chunks still queued are dropped; the one
+        batch in flight, if any, completes first."""
+        if self._writer is not None:
+            while not self._writes.empty():
+                self._writes.get_nowait()
+            self._writes.put_nowait(None)
+            with contextlib.suppress(Exception):
                 await self._writer
         if self._done:
             return
