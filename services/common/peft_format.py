@@ -47,6 +47,10 @@ class SafetensorsHeader:
         return self.data_start + max((t.end for t in self.tensors.values()), default=0)
 
 
+def _is_size(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def parse_safetensors_header(prefix: bytes) -> SafetensorsHeader | None:
     """Parse the header from the first bytes of a safetensors file.
 
@@ -73,9 +77,9 @@ def parse_safetensors_header(prefix: bytes) -> SafetensorsHeader | None:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InvalidArgument(f"safetensors entry {name!r} is malformed") from None
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise InvalidArgument(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= start <= end):
+        if not all(_is_size(x) for x in (*shape, start, end)) or not start <= end:
             raise InvalidArgument(f"tensor {name!r} has a bad shape or offsets")
         if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise InvalidArgument(f"tensor {name!r}: offsets do not match shape {shape} x {dtype}")
@@ -112,8 +116,16 @@ def parse_adapter_config(text: str | bytes) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidArgument(f"{CONFIG_NAME}: 'r' must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise InvalidArgument(f"{CONFIG_NAME}: 'lora_alpha' must be a number, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidArgument(f"{CONFIG_NAME}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values()):
+        raise InvalidArgument(f"{CONFIG_NAME}: 'rank_pattern' must map module names to positive integers")
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise InvalidArgument(f"{CONFIG_NAME}: target_modules must be a list of names or a string, got {targets!r}")
     if cfg.get("use_dora"):
         raise InvalidArgument("DoRA adapters are not supported")
     return cfg
@@ -125,7 +137,10 @@ def _targets_match(module: str, targets: object) -> bool:
     if isinstance(targets, str):
         if targets == "all-linear":
             return True
-        return re.fullmatch(targets, module) is not None
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error as e:
+            raise InvalidArgument(f"{CONFIG_NAME}: target_modules {targets!r} is not a valid regex: {e}") from None
     if isinstance(targets, (list, tuple)):
         # peft's rule: a target matches a module whose name is it or ends with "." + it.
         # peft writes bare names ("q_proj") or, for all-linear, paths ("model.layers.0.mlp.up_proj").
