@@ -117,7 +117,7 @@ def parse_adapter_config(text: str | bytes) -> dict:
         raise InvalidArgument(f"{CONFIG_NAME}: 'r' must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", r)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InvalidArgument(f"{CONFIG_NAME}: 'lora_alpha' must be a finite number, got {alpha!r}")
+        raise InvalidArgument(f"{CONFIG_NAME}: 'lora_alpha' must be a number (finite), got {alpha!r}")
     pattern = cfg.get("rank_pattern") or {}
     if not isinstance(pattern, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values()):
