@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -440,10 +441,44 @@ class Servers:
     def readings(self) -> dict[str, dict]:
         return {n: proc_reading(p) for n, p in self.pids.items()}
 
-    def peaks(self):
-        from services.bench.peers import PeakTreeMemory
+    def trace(self) -> RssTrace:
+        return RssTrace(self.pids)
 
-        return {n: PeakTreeMemory(p, every_s=0.5) for n, p in self.pids.items()}
+
+class RssTrace:
+    """Each server tree's RSS every `every_s` on a thread, until `stop()`: its peak, and its RSS
+    at each quarter of the window (growth that levels off is caches filling; growth that
+    keeps on is what a leak looks like)."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 0.5) -> None:
+        import threading
+
+        self.pids, self.every_s = pids, every_s
+        self.samples: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-trace")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for n, pid in self.pids.items():
+                self.samples[n].append((time.monotonic() - self._t0, proc_reading(pid)["rss_mb"]))
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> dict[str, dict]:
+        self._stop.set()
+        self._thread.join()
+        return {n: rss_profile(s) for n, s in self.samples.items()}
+
+
+def rss_profile(samples: list[tuple[float, float]]) -> dict:
+    """Peak RSS (MB) of (seconds, MB) samples and the RSS at 25/50/75/100% of their window."""
+    if not samples:
+        return {"peak_rss_mb": 0.0, "rss_mb_quarters": []}
+    end = samples[-1][0]
+    quarters = [next(mb for t, mb in samples if t >= q * end) for q in (0.25, 0.5, 0.75, 1.0)]
+    return {"peak_rss_mb": max(mb for _, mb in samples), "rss_mb_quarters": quarters}
 
 
 def start_replica(model: Path, broker: str, tokens: dict[str, str], work: Path, args: argparse.Namespace):
@@ -505,21 +540,32 @@ def serving_part(args: argparse.Namespace, work: Path, servers: Servers, target:
     warm_up(target, url, token, base)
     time.sleep(2)
     before = servers.readings()
-    peaks = servers.peaks()
+    trace = servers.trace()
     print(f"serving: {args.grpc_streams} gRPC Generate streams + {args.openai_streams} OpenAI streams for "
           f"{args.seconds:.0f} s ...", flush=True)
     t0 = time.monotonic()
     tallies = join({k: spawn(s, work) for k, s in specs.items()}, specs, work,
                    args.seconds + args.request_timeout_s + 120)
     wall = time.monotonic() - t0
-    peak = {n: m.stop() for n, m in peaks.items()}
+    rss = trace.stop()
     time.sleep(args.settle_s)
-    after = servers.readings()
     return {"wall_s": wall, "engine_max_num_seqs": args.max_num_seqs,
             "grpc": summarize(tallies["grpc"], SHED["grpc"]), "openai": summarize(tallies["openai"], SHED["openai"]),
-            "servers": {n: {"before": before[n], "after": after[n], "peak_rss_mb": peak[n],
-                            **leak_verdict(before[n], after[n], args.fd_slack, args.thread_slack)}
-                        for n in servers.pids}}
+            "servers": server_figures(before, servers.readings(), rss, args)}
+
+
+def server_figures(before: dict, after: dict, rss: dict, args: argparse.Namespace) -> dict:
+    return {n: {"before": before[n], "after": after[n], **rss[n],
+                **leak_verdict(before[n], after[n], args.fd_slack, args.thread_slack)} for n in before}
+
+
+def purge(r) -> None:
+    """MEMORY PURGE (jemalloc returns dirty pages), so used_memory is read after it; a Redis
+    built without jemalloc refuses it, and that is fine."""
+    import redis
+
+    with contextlib.suppress(redis.ResponseError):
+        r.memory_purge()
 
 
 def redis_families(r) -> dict[str, dict]:
@@ -547,10 +593,10 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     keep_last = RegistryConfig().keep_last  # the broker runs on its defaults
     adapter_bytes = len(make_adapter(args.adapter_bytes, seed=0, rank=4)[1])
     r = redis.Redis.from_url(redis_url)
-    r.memory_purge()
+    purge(r)
     baseline = r.info("memory")["used_memory"]
     before = servers.readings()
-    peaks = servers.peaks()
+    trace = servers.trace()
     spec = {"kind": "publish", "target": broker, "token": tokens["learner"], "name": PUB_NAME,
             "publishes": args.publishes, "adapter_bytes": args.adapter_bytes, "cpus": args.client_cpus,
             "out": str(work / "publish.json")}
@@ -559,13 +605,13 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     t0 = time.monotonic()
     tally = join({"publish": spawn(spec, work)}, {"publish": spec}, work, 3600)["publish"]
     wall = time.monotonic() - t0
-    peak = {n: m.stop() for n, m in peaks.items()}
+    rss = trace.stop()
     time.sleep(args.settle_s)
     after = servers.readings()
     with BrokerClient(broker, tokens["client"]) as c:
         records, latest = c.list_versions(PUB_NAME)
     mem = r.info("memory")
-    r.memory_purge()
+    purge(r)
     used_after_purge = r.info("memory")["used_memory"]
     fams = redis_families(r)
     r.close()
@@ -576,9 +622,7 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
             "redis": {**redis_bound(baseline, keep_last, adapter_bytes, used_after_purge, s["ok"]),
                       "used_memory_before_purge": mem["used_memory"], "used_memory_rss": mem["used_memory_rss"],
                       "used_memory_peak": mem["used_memory_peak"], "families": fams},
-            "servers": {n: {"before": before[n], "after": after[n], "peak_rss_mb": peak[n],
-                            **leak_verdict(before[n], after[n], args.fd_slack, args.thread_slack)}
-                        for n in servers.pids}}
+            "servers": server_figures(before, after, rss, args)}
 
 
 # ------------------------------------------------------------------ report
@@ -593,11 +637,12 @@ def _counts(d: dict) -> str:
 
 
 def server_lines(servers: dict) -> list[str]:
-    lines = [f"  {'server':<8} {'peak RSS MB':>11} {'RSS MB before/after':>20} {'fds before/after':>17} "
-             f"{'threads before/after':>21}  verdict (slack: fds/threads)"]
+    lines = [f"  {'server':<8} {'peak RSS MB':>11} {'RSS MB before/after':>20} {'at 1/4 2/4 3/4 4/4 of the load':>31} "
+             f"{'fds before/after':>17} {'threads before/after':>21}  verdict (fds and threads)"]
     for n, s in servers.items():
         b, a = s["before"], s["after"]
-        lines.append(f"  {n:<8} {s['peak_rss_mb']:>11.0f} {b['rss_mb']:>10.0f}/{a['rss_mb']:<9.0f} "
+        quarters = " ".join(f"{x:.0f}" for x in s["rss_mb_quarters"])
+        lines.append(f"  {n:<8} {s['peak_rss_mb']:>11.0f} {b['rss_mb']:>10.0f}/{a['rss_mb']:<9.0f} {quarters:>31} "
                      f"{b['fds']:>8}/{a['fds']:<8} {b['threads']:>10}/{a['threads']:<10}  {s['verdict']}"
                      f" ({s['fds_delta']:+d} fds, {s['threads_delta']:+d} threads, {b['procs']} process"
                      f"{'es' if b['procs'] > 1 else ''})")

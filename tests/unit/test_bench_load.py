@@ -18,6 +18,7 @@ from services.bench.load import (
     proc_reading,
     redis_bound,
     report,
+    rss_profile,
     summarize,
 )
 
@@ -99,6 +100,12 @@ def test_arguments():
             parse_args(bad)
 
 
+def test_rss_profile_peak_and_quarters():
+    samples = [(float(t), 100.0 + t) for t in range(9)]  # 0..8 s, 100..108 MB
+    assert rss_profile(samples) == {"peak_rss_mb": 108.0, "rss_mb_quarters": [102.0, 104.0, 106.0, 108.0]}
+    assert rss_profile([]) == {"peak_rss_mb": 0.0, "rss_mb_quarters": []}
+
+
 def test_this_process_reads_as_a_tree_of_one():
     r = proc_reading(os.getpid())
     assert r["procs"] >= 1 and r["fds"] > 0 and r["threads"] >= 1 and r["rss_mb"] > 0
@@ -106,7 +113,8 @@ def test_this_process_reads_as_a_tree_of_one():
 
 def test_report_and_failure_of_a_publish_only_result():
     servers = {"broker": {"before": {"procs": 1, "rss_mb": 60.0, "fds": 14, "threads": 8},
-                          "after": {"procs": 1, "rss_mb": 65.0, "fds": 15, "threads": 8}, "peak_rss_mb": 66.0,
+                          "after": {"procs": 1, "rss_mb": 65.0, "fds": 15, "threads": 8},
+                          **rss_profile([(0.0, 60.0), (1.0, 66.0), (2.0, 65.0)]),
                           **leak_verdict({"rss_mb": 60.0, "fds": 14, "threads": 8},
                                          {"rss_mb": 65.0, "fds": 15, "threads": 8}, 8, 4)}}
     pub = {**summarize(Tally(seconds=2.0).to_json(), SHED["publish"]), "publishes_per_s": 0.0,
@@ -117,6 +125,7 @@ def test_report_and_failure_of_a_publish_only_result():
               "config": {"cpu_bind": "0", "client_cpus": [1]}, "publish": pub}
     text = report(result)
     assert "ratio 1.50 (OVER the bound" in text and "no leak (+1 fds, +0 threads" in text
+    assert "66 66 65 65" in text  # RSS at 0.5, 1, 1.5, 2 s: the first sample at or after each
     assert failed(result)  # over its Redis bound
     result["publish"]["redis"] = {**redis_bound(1000, 10, 100, 1500, 0), "families": {}}
     assert not failed(result)
