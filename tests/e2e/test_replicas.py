@@ -1,5 +1,6 @@
 """Scaling replicas (issue 5, point 3): a rollout started by hand joins a running stack and
-shares the work; another replica is killed; the run completes."""
+shares the work; the run completes and every process ends. A replica SIGKILLed mid-run, its
+replacement and the sweep of its scratch files: tests/e2e/test_chaos.py (`loraloop chaos`)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ from services.learner.metrics import read_metrics
 from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.proctree import alive, descendants, scratch_dirs
 
-# Long enough for the killed replica's replacement to start (its engine start sweeps the
-# victim's scratch dirs) before the run ends: under CI's load it took over 2 minutes, and at
-# ~0.45 s a step 200 steps left it ~90 s (the replacement was stopped mid-start).
-STEPS = 400
+# Both replicas start their engines at about the same time; 150 steps (~40-70 s of training)
+# leave the hand-started one time to take part after it catches up.
+STEPS = 150
 
 
 def _env_file(path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-def test_add_a_replica_kill_another_run_completes(tmp_path):
+def test_add_a_replica_by_hand_run_completes(tmp_path):
     run = tmp_path / "run"
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), "--steps", str(STEPS),
                            "--learner.data.lease_deadline_s=5"],
@@ -49,30 +49,15 @@ def test_add_a_replica_kill_another_run_completes(tmp_path):
                    if e["name"] == "policy"]:  # caught up
             assert extra.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        while len(read_metrics(run)) < 20:  # training under way, both replicas at work
-            assert up.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        # The victim is a serving replica (the hand-started one can carry training alone while
-        # the stack's own is still starting its engine).
-        while "loraloop rollout listening" not in (run / "logs" / "rollout-0.log").read_text(errors="replace"):
-            assert up.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        # Kill the original replica (SIGKILL, by its pid): `up` replaces it, its leases are re-issued.
-        pids = json.loads((run / "logs" / "pids.json").read_text())
-        victim = pids["rollout-0"]
-        seen = descendants(up.pid)  # includes the victim's vLLM engine processes
-        os.kill(victim, signal.SIGKILL)
+        seen = descendants(up.pid)  # includes the replica's vLLM engine processes
         while up.poll() is None:
             seen |= descendants(up.pid)
-            assert time.monotonic() < deadline + 900
+            assert time.monotonic() < deadline
             time.sleep(1)
         out = up.stdout.read()
         assert up.returncode == 0, out[-3000:]
-        assert "rollout-0 exited (code -9" in out and "restarting it in" in out and "rollout-0 restarted" in out
         assert not [p for p in seen if alive(p)], "processes left running (orphaned engines?)"
-        # The victim's adapter cache (RAM) and vLLM socket dir are swept by its replacement;
-        # every other replica removed its own at exit.
-        assert victim in seen and not scratch_dirs(seen | {up.pid}), scratch_dirs(seen | {up.pid})
+        assert not scratch_dirs(seen | {up.pid}), scratch_dirs(seen | {up.pid})
     finally:
         if up.poll() is None:
             up.kill()
