@@ -559,6 +559,19 @@ def server_figures(before: dict, after: dict, rss: dict, args: argparse.Namespac
                 **leak_verdict(before[n], after[n], args.fd_slack, args.thread_slack)} for n in before}
 
 
+def history_figures(events: int, events_bytes: int, pub_ids: dict, events_maxlen: int, ttl_s: int) -> dict:
+    """What the broker keeps per publish beyond retention (services/broker/scripts.py's commit):
+    an event-stream entry (the record, for watch replays; trimmed at ~events_maxlen entries per
+    name) and a publish-id key (for retried publishes; expires after publish_id_ttl_s), with the
+    stream's size once full at this entry size."""
+    per_event = events_bytes / events if events else 0.0
+    return {"events": events, "events_bytes": events_bytes, "bytes_per_event": per_event,
+            "events_maxlen": events_maxlen, "events_bytes_at_cap": per_event * events_maxlen,
+            "publish_ids": pub_ids["keys"], "publish_ids_bytes": pub_ids["bytes"],
+            "bytes_per_publish_id": pub_ids["bytes"] / pub_ids["keys"] if pub_ids["keys"] else 0.0,
+            "publish_id_ttl_s": ttl_s}
+
+
 def purge(r) -> None:
     """MEMORY PURGE (jemalloc returns dirty pages), so used_memory is read after it; a Redis
     built without jemalloc refuses it, and that is fine."""
@@ -590,7 +603,8 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     from services.broker.client import BrokerClient
     from services.broker.config import RegistryConfig
 
-    keep_last = RegistryConfig().keep_last  # the broker runs on its defaults
+    reg = RegistryConfig()  # the broker runs on its defaults
+    keep_last = reg.keep_last
     adapter_bytes = len(make_adapter(args.adapter_bytes, seed=0, rank=4)[1])
     r = redis.Redis.from_url(redis_url)
     purge(r)
@@ -614,11 +628,15 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     purge(r)
     used_after_purge = r.info("memory")["used_memory"]
     fams = redis_families(r)
+    events_key = f"ll:a:{PUB_NAME}:events"
+    history = history_figures(r.xlen(events_key), r.memory_usage(events_key, samples=0) or 0,
+                              fams.get("publish ids", {"keys": 0, "bytes": 0}), reg.events_maxlen,
+                              reg.publish_id_ttl_s)
     r.close()
     s = summarize(tally, SHED["publish"])
     return {"wall_s": wall, **s, "publishes_per_s": s["ok"] / tally["seconds"] if tally["seconds"] else 0.0,
             "adapter_bytes": adapter_bytes, "keep_last": keep_last, "latest_version": latest,
-            "versions_kept": [x.version for x in records],
+            "versions_kept": [x.version for x in records], "history": history,
             "redis": {**redis_bound(baseline, keep_last, adapter_bytes, used_after_purge, s["ok"]),
                       "used_memory_before_purge": mem["used_memory"], "used_memory_rss": mem["used_memory_rss"],
                       "used_memory_peak": mem["used_memory_peak"], "families": fams},
@@ -692,6 +710,12 @@ def report(result: dict) -> str:
         lines.append("  Redis keys by family (MEMORY USAGE): " + "; ".join(
             f"{f} {v['keys']} keys {v['bytes'] / 1e6:.2f} MB"
             for f, v in sorted(rb["families"].items(), key=lambda kv: -kv[1]["bytes"])))
+        h = p["history"]
+        lines.append(f"  beyond it, per publish: an event-stream entry ({h['events']} entries, {h['events_bytes'] / 1e6:.2f} "
+                     f"MB, {h['bytes_per_event']:.0f} B each; trimmed at ~{h['events_maxlen']:,} per name, "
+                     f"{h['events_bytes_at_cap'] / 1e6:.0f} MB at that size) and a publish id ({h['publish_ids']} "
+                     f"keys, {h['publish_ids_bytes'] / 1e6:.2f} MB, {h['bytes_per_publish_id']:.0f} B each; expire "
+                     f"after {h['publish_id_ttl_s']:,} s)")
         lines += server_lines(p["servers"])
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from services.bench.load import (
     Tally,
     client_cpus,
     failed,
+    history_figures,
     key_family,
     leak_verdict,
     parse_args,
@@ -71,6 +72,14 @@ def test_redis_bound_is_baseline_plus_keep_last_adapters():
     assert not over["within_bound"] and over["excess_bytes_per_publish"] == pytest.approx(300.0)
 
 
+def test_history_per_publish_and_at_the_stream_cap():
+    h = history_figures(events=1000, events_bytes=650_000, pub_ids={"keys": 1000, "bytes": 104_000},
+                        events_maxlen=100_000, ttl_s=86400)
+    assert h["bytes_per_event"] == 650.0 and h["events_bytes_at_cap"] == 65_000_000.0
+    assert h["bytes_per_publish_id"] == 104.0
+    assert history_figures(0, 0, {"keys": 0, "bytes": 0}, 1000, 60)["bytes_per_event"] == 0.0
+
+
 def test_key_families_follow_the_broker_layout():
     assert key_family("ll:blob:" + "ab" * 32) == "blobs (adapter bytes)"
     assert key_family("ll:blobref:" + "ab" * 32) == "blob refcounts"
@@ -119,12 +128,14 @@ def test_report_and_failure_of_a_publish_only_result():
                                          {"rss_mb": 65.0, "fds": 15, "threads": 8}, 8, 4)}}
     pub = {**summarize(Tally(seconds=2.0).to_json(), SHED["publish"]), "publishes_per_s": 0.0,
            "adapter_bytes": 100, "keep_last": 10, "latest_version": 0, "versions_kept": [],
+           "history": history_figures(4, 2000, {"keys": 4, "bytes": 400}, 1000, 86400),
            "redis": {**redis_bound(1000, 10, 100, 3000, 0), "families": {"other": {"keys": 1, "bytes": 80}}},
            "servers": servers}
     result = {"machine": {"nproc": 2, "loadavg_start": [0.5, 0, 0]}, "wall_s": 3.0,
               "config": {"cpu_bind": "0", "client_cpus": [1]}, "publish": pub}
     text = report(result)
     assert "ratio 1.50 (OVER the bound" in text and "no leak (+1 fds, +0 threads" in text
+    assert "(4 entries, 0.00 MB, 500 B each; trimmed at ~1,000 per name, 0 MB" in text
     assert "66 66 65 65" in text  # RSS at 0.5, 1, 1.5, 2 s: the first sample at or after each
     assert failed(result)  # over its Redis bound
     result["publish"]["redis"] = {**redis_bound(1000, 10, 100, 1500, 0), "families": {}}
