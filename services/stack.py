@@ -385,7 +385,12 @@ def write_configs(cfg: StackConfig, out: Path) -> list[Path]:
 def start_stack(cfg: StackConfig, run_dir: Path, model: Path, sup: Supervisor) -> Stack:
     tokens = {role: secrets.token_urlsafe(24) for role in ("learner", "rollout", "client")}
     password = secrets.token_hex(16)
-    env = {**os.environ, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
+    # The services' TLS comes from [tls] alone, not from TLS variables in this shell (a TLS
+    # stack's stack.env sets LORALOOP_TLS_CA for clients).
+    from services.common.config import TLS_ENV
+
+    base_env = {k: v for k, v in os.environ.items() if k not in TLS_ENV.values()}
+    env = {**base_env, "LORALOOP_TOKENS": ",".join(f"{r}:{t}" for r, t in tokens.items()),
            "LORALOOP_REDIS_PASSWORD": password, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if cfg.python_path:
         env["PYTHONPATH"] = os.pathsep.join([*(str(Path(d).resolve()) for d in cfg.python_path),

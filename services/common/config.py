@@ -65,11 +65,12 @@ class AuthConfig(Section):
 
 class TLSConfig(Section):
     cert_file: str | None = None
-    """Server certificate (PEM). With key_file set, the server speaks TLS."""
+    """Server certificate (PEM). With key_file set, the server speaks TLS. Unset: $LORALOOP_TLS_CERT_FILE."""
     key_file: str | None = None
-    """Server private key (PEM)."""
+    """Server private key (PEM). Unset: $LORALOOP_TLS_KEY_FILE."""
     ca_file: str | None = None
-    """CA bundle (PEM): clients verify the server with it; a server given one requires client certs."""
+    """CA bundle (PEM): a server given one requires client certificates signed by it.
+    Unset: $LORALOOP_TLS_CLIENT_CA_FILE."""
 
     @property
     def enabled(self) -> bool:
@@ -81,14 +82,16 @@ class ClientTLSConfig(Section):
 
     ca_file: str | None = None
     """CA bundle (PEM) that signed the other services' server certificates. Set: every
-    connection this service opens to another one speaks TLS and verifies the server with it."""
+    connection this service opens to another one speaks TLS and verifies the server with it.
+    Unset: $LORALOOP_TLS_CA."""
     cert_file: str | None = None
-    """Client certificate (PEM), for servers that require one (their `tls.ca_file` set)."""
+    """Client certificate (PEM), for servers that require one (their `tls.ca_file` set).
+    Unset: $LORALOOP_TLS_CLIENT_CERT_FILE."""
     key_file: str | None = None
-    """Client private key (PEM)."""
+    """Client private key (PEM). Unset: $LORALOOP_TLS_CLIENT_KEY_FILE."""
     server_name: str | None = None
     """Name checked against the servers' certificates instead of the host in the address
-    (a certificate issued for `loraloop` used at 10.0.0.5:50050)."""
+    (a certificate issued for `loraloop` used at 10.0.0.5:50050). Unset: $LORALOOP_TLS_SERVER_NAME."""
 
     @property
     def enabled(self) -> bool:
@@ -234,6 +237,25 @@ def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | Non
     return lines
 
 
+# Where a service's TLS settings come from when its config leaves them unset (containers,
+# Kubernetes: the same command line with or without TLS). `loraloop up` does not pass these on.
+TLS_ENV = {("tls", "cert_file"): "LORALOOP_TLS_CERT_FILE", ("tls", "key_file"): "LORALOOP_TLS_KEY_FILE",
+           ("tls", "ca_file"): "LORALOOP_TLS_CLIENT_CA_FILE", ("client_tls", "ca_file"): "LORALOOP_TLS_CA",
+           ("client_tls", "cert_file"): "LORALOOP_TLS_CLIENT_CERT_FILE",
+           ("client_tls", "key_file"): "LORALOOP_TLS_CLIENT_KEY_FILE",
+           ("client_tls", "server_name"): "LORALOOP_TLS_SERVER_NAME"}
+
+
+def tls_from_env(cfg: Any, environ: Any = None) -> Any:
+    """Fill a service config's unset `tls` / `client_tls` fields from TLS_ENV's variables."""
+    environ = os.environ if environ is None else environ
+    for (section, key), var in TLS_ENV.items():
+        sec = getattr(cfg, section, None)
+        if isinstance(sec, (TLSConfig, ClientTLSConfig)) and not getattr(sec, key) and environ.get(var):
+            setattr(sec, key, environ[var])
+    return cfg
+
+
 def config_cli(model: type[M], argv: list[str], prog: str, summary: str,
                aliases: dict[str, str] | None = None, under: dict[str, Any] | None = None) -> M:
     """Parse `[CONFIG.toml] [--overrides]` for a service command; prints help on -h/--help.
@@ -245,4 +267,4 @@ def config_cli(model: type[M], argv: list[str], prog: str, summary: str,
               + "\n".join(describe(model)) + ("\n\naliases:\n" + alias_text if alias_text else ""))
         sys.exit(0)
     path = argv[0] if argv and not argv[0].startswith("--") else None
-    return load_config(model, path, merge(under or {}, parse_overrides(argv[1 if path else 0 :], aliases)))
+    return tls_from_env(load_config(model, path, merge(under or {}, parse_overrides(argv[1 if path else 0 :], aliases))))
