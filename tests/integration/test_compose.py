@@ -41,6 +41,7 @@ from tests.support.procs import BrokerProc, free_port
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "deploy" / "compose"
 BASE, GPU = HERE / "compose.yaml", HERE / "compose.gpu.yaml"
+HOSTNET = HERE / "real" / "compose.hostnet.yaml"  # test-only: deploy/compose/real/run.sh
 HADOLINT_CONFIG = HERE / ".hadolint.yaml"
 DOCKERFILES = sorted(HERE.glob("Dockerfile*"))
 SERVICES = {"redis", "broker", "model-init", "learner", "rollout"}
@@ -417,6 +418,50 @@ def test_commands_parse_with_the_loraloop_cli():
     assert mounts["rollout"]["/models"].get("read_only") is True
     # The tokens the servers check, and their own, are the ones configured (auth stays on).
     assert broker.auth.enabled and learner.auth.enabled and rollout.auth.enabled
+
+
+def test_hostnet_override():
+    """real/compose.hostnet.yaml (the stack run for real by deploy/compose/real/run.sh): every
+    service on the host's network on loopback, no published port, replicas on port 0 (so
+    `--scale rollout=2` runs), builds on the host network with the base image as a build arg."""
+    doc = merge(load(BASE), load(HOSTNET))
+    assert schema_errors(doc) == []
+    ports = {"LORALOOP_REDIS_PORT": "16379", "LORALOOP_BROKER_PORT": "16050", "LORALOOP_LEARNER_PORT": "16053"}
+    env = {**SAMPLE_ENV, **ports}
+    PyCompose.from_json(interpolate(json.dumps(doc), env)).validate()  # its image tags must be resolved
+    services = doc["services"]
+    for name in SERVICES:
+        assert services[name]["network_mode"] == "host", name
+        assert not services[name].get("ports") and not services[name].get("expose"), name
+        assert "networks" not in services[name], name
+    argv = {n: service_argv(services[n], env) for n in ("broker", "learner", "rollout")}
+    broker = parse_cli("broker", argv["broker"][2:])
+    learner = parse_cli("learner", argv["learner"][2:])
+    rollout = parse_cli("rollout", [*argv["rollout"][2:], "--worker_id=rollout-x"])
+    assert (broker.server.host, broker.server.port, broker.redis.url) == ("127.0.0.1", 16050, "redis://127.0.0.1:16379/0")
+    assert broker.redis.durability == "require" and broker.registry.keep_last >= 10_000
+    assert (learner.server.host, learner.server.port, learner.broker) == ("127.0.0.1", 16053, "127.0.0.1:16050")
+    assert (rollout.server.host, rollout.server.port, rollout.http.host, rollout.http.port) == ("127.0.0.1", 0, "127.0.0.1", 0)
+    assert (rollout.broker, rollout.learner) == ("127.0.0.1:16050", "127.0.0.1:16053")
+    redis = service_argv(services["redis"], env)
+    assert redis[redis.index("--bind") + 1] == "127.0.0.1" and redis[redis.index("--port") + 1] == "16379"
+    assert "--appendfsync" in redis and redis[redis.index("--appendfsync") + 1] == "always"
+    # Each replica names itself (hostname-pid would be the host's hostname and pid 1 in both).
+    entry = services["rollout"]["entrypoint"]
+    assert entry[:2] == ["sh", "-ec"] and "--worker_id=" in entry[2] and 'exec "$$@"' in entry[2]
+    for name in ("broker", "learner", "rollout", "model-init"):
+        build = services[name]["build"]
+        args = dict(a.partition("=")[::2] for a in build["args"])
+        assert build["network"] == "host" and {"BASE_IMAGE", "PIP_FIND_LINKS", "PIP_CONSTRAINT"} <= set(args)
+        assert interpolate(args["BASE_IMAGE"], {}) == base_image(dockerfile_of(load(BASE), name)) == \
+            "python:3.11-slim-bookworm"
+    assert interpolate(services["redis"]["image"], {}) == load(BASE)["services"]["redis"]["image"]
+    # The health check (any port the container's processes listen on) is valid Python.
+    for name in ("broker", "learner", "rollout"):
+        compile(health_argv(services[name])[2], f"{name} health check", "exec")
+    readme = (HERE / "README.md").read_text()
+    for var in variables(HOSTNET):
+        assert var in readme or var in SAMPLE_ENV, var
 
 
 def test_gpu_override():
