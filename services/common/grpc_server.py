@@ -41,7 +41,10 @@ class AccessPolicy:
         if not isinstance(auth, str) or not auth.startswith("Bearer "):
             raise errors.Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
         given = auth[len("Bearer ") :].encode()
-        role = next((r for t, r in self.token_roles.items() if hmac.compare_digest(t.encode(), given)), None)
+        # Constant time: every token is compared in full (no early exit on the first match or
+        # on the first differing byte), so timing tells nothing of a token's bytes or position.
+        matched = [r for t, r in self.token_roles.items() if hmac.compare_digest(t.encode(), given)]
+        role = matched[0] if matched else None
         if role is None:
             raise errors.Unauthenticated("unknown token")
         if role not in self.roles_of_method.get(method, frozenset()):

@@ -45,3 +45,27 @@ def test_policy_unauthenticated(md):
 def test_health_open_and_auth_off():
     assert POLICY.check("/grpc.health.v1.Health/Check", []) is None
     assert AccessPolicy({}, {}, enabled=False).check("/s/Publish", []) is None
+
+
+def test_tokens_compared_in_constant_time_every_one_in_full(monkeypatch):
+    """Tokens are checked with hmac.compare_digest (no `==`, whose time depends on the first
+    differing byte), against every configured token, the matching one first or not (issue 19)."""
+    import hmac
+
+    from services.common import grpc_server
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(grpc_server.hmac, "compare_digest", spy)
+    policy = AccessPolicy({"/s/Get": frozenset({"learner", "client"})}, {"tl": "learner", "tc": "client", "tx": "client"})
+    assert policy.check("/s/Get", [("authorization", "Bearer tl")]) == "learner"
+    assert sorted(a for a, _ in calls) == [b"tc", b"tl", b"tx"] and {b for _, b in calls} == {b"tl"}
+    calls.clear()
+    with pytest.raises(errors.Unauthenticated):
+        policy.check("/s/Get", [("authorization", "Bearer tl-but-longer")])
+    assert len(calls) == 3
