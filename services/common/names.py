@@ -48,4 +48,6 @@ def parse_selector(text: str) -> AdapterSelector:
     version = int(m.group("version")) if m.group("version") else 0
     if m.group("version") is not None and version < 1:
         raise InvalidArgument(f"invalid adapter selector {text!r}: versions start at v1")
+    if version >= 2**64:  # versions are uint64 on the wire
+        raise InvalidArgument(f"invalid adapter selector {text!r}: no version is that large")
     return AdapterSelector(name, version)
