@@ -30,12 +30,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import errors
 from services.common.grpc_server import AccessPolicy
 from services.common.names import parse_selector
 from services.rollout.metrics import RolloutMetrics
 from services.rollout.openai_serving import OpenAIHandlers
+from services.rollout.requests import MAX_N
 
 if TYPE_CHECKING:
     from services.common.records import AdapterVersion
@@ -52,6 +54,28 @@ HTTP_OF: dict[type[errors.LoraloopError], int] = {
     errors.Unauthenticated: 401, errors.PermissionDenied: 403, errors.ResourceExhausted: 429,
     errors.Unavailable: 503, errors.DataLoss: 502,
 }
+
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body past this is refused (413) before it is parsed
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request's body, refused (_TooLarge) once it passes MAX_BODY_BYTES, declared or sent:
+    uvicorn and Starlette read any size into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _TooLarge(f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _TooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def http_status_of(exc: BaseException) -> int:
@@ -124,12 +148,17 @@ class OpenAIFront:
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="loraloop rollout (OpenAI-compatible)", docs_url=None, redoc_url=None,
                       openapi_url=None)
+        app.add_exception_handler(StarletteHTTPException, self._http_exception)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         return app
+
+    async def _http_exception(self, request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own answers (an unknown path: 404, a wrong method: 405) as OpenAI error JSON."""
+        return self._error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     async def health(self) -> Response:
         return PlainTextResponse("stopping" if self.stopping else "ok", status_code=503 if self.stopping else 200)
@@ -187,10 +216,18 @@ class OpenAIFront:
             return self._error(429, f"{self.in_flight} requests in flight (http.max_concurrent); retry later",
                                headers={"retry-after": "1"})
         try:
-            body = await request.json()
-            req = model_type.model_validate(body)
-        except (ValueError, ValidationError) as e:  # json.JSONDecodeError is a ValueError
+            body = await _read_body(request)
+        except _TooLarge as e:
+            return self._error(413, str(e))
+        try:
+            req = model_type.model_validate(json.loads(body))
+        except (ValueError, RecursionError, ValidationError, self.h.ClientError) as e:
+            # json.JSONDecodeError is a ValueError; JSON nested 100,000 deep raises RecursionError and
+            # vLLM's own validation error (prompt "") is no ValueError: both answered 500
             return self._error(400, f"invalid request: {e}")
+        n = getattr(req, "n", None) or 1
+        if n > MAX_N:  # as gRPC's Generate: vLLM's own bound (16384) lets one request hold the engine for minutes
+            return self._error(400, f"n={n} exceeds {MAX_N}", "n")
         request = self._prioritize(req, request)
         user_wants_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
         if req.stream:  # always ask vLLM for the usage chunk (the metrics read it), drop it if not asked

@@ -60,6 +60,7 @@ class OpenAIHandlers:
     ModelCard: type
     ModelList: type
     StreamOptions: type
+    ClientError: type  # what vLLM's request models raise for a bad request (vllm.exceptions.VLLMClientError)
 
     def error(self, message: str, status: int, param: str | None = None) -> Any:
         from http import HTTPStatus
@@ -91,6 +92,7 @@ async def build_handlers(engine: Engine, manager: AdapterManager, base_id: str) 
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList
+    from vllm.exceptions import VLLMClientError
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cfg = engine.cfg
@@ -102,4 +104,4 @@ async def build_handlers(engine: Engine, manager: AdapterManager, base_id: str) 
     state.openai_serving_models.lora_requests = LoadedLoraView(manager)
     return OpenAIHandlers(state.openai_serving_completion, state.openai_serving_chat, base_id,
                           cfg.max_model_len, CompletionRequest, ChatCompletionRequest, ErrorResponse,
-                          ModelCard, ModelList, StreamOptions)
+                          ModelCard, ModelList, StreamOptions, VLLMClientError)
