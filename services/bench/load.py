@@ -77,6 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-cpus", default="",
                    help="CPUs for the client processes, e.g. '1' ('' = every CPU but the engine's, "
                         "all where that leaves none)")
+    p.add_argument("--work-dir", type=Path,
+                   help="keep the servers' and clients' logs here (default: a temp dir, removed at the end)")
     p.add_argument("--quick", action="store_true", help="16 + 8 streams for 8 s, 200 publishes (a smoke run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -732,7 +734,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     tokens = {r: secrets.token_urlsafe(16) for r in ROLES}
     result: dict = {"benchmark": "load", "machine": {"nproc": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
-                    "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")}}
+                    "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "work_dir")}}
     t0 = time.monotonic()
     redis_proc, redis_url = start_redis(work / "redis")
     broker_proc = replica = None
@@ -775,11 +777,13 @@ def main(argv: list[str]) -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="loraloop-bench-load-"))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="loraloop-bench-load-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args, work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
     emit(report(result), result, args.out)
     return 1 if failed(result) else 0
 
