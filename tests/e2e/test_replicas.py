@@ -12,6 +12,7 @@ import sys
 import time
 
 from services.common import events
+from services.common.proc import stop_process
 from services.learner.metrics import read_metrics
 from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.proctree import alive, descendants, scratch_dirs
@@ -58,10 +59,8 @@ def test_add_a_replica_by_hand_run_completes(tmp_path):
         assert up.returncode == 0, out[-3000:]
         assert not [p for p in seen if alive(p)], "processes left running (orphaned engines?)"
         assert not scratch_dirs(seen | {up.pid}), scratch_dirs(seen | {up.pid})
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+    finally:  # on a failure: `up` stops what it started on SIGTERM (SIGKILL would orphan it)
+        stop_process(up, timeout_s=90)
         if extra is not None:
             tree = descendants(extra.pid)
             extra.send_signal(signal.SIGTERM)

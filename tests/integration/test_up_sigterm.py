@@ -23,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.proc import stop_process
 from tests.support.proctree import alive
 
 
@@ -139,9 +140,8 @@ def test_tls_stack_trains_and_serves_then_sigterm_stops_it(tmp_path: Path, tiny_
         assert scratch_root.name.startswith("ll-") and len(lenv["TMPDIR"]) < 40
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # on a failure: `up` stops what it started on SIGTERM (SIGKILL would orphan it)
+        stop_process(proc, timeout_s=90)
     assert proc.returncode == 130, out[-3000:]
     assert "stopping ..." in out
     assert not [n for n, p in pids.items() if alive(p)], out[-3000:]
