@@ -6,16 +6,15 @@ processes, scratch files)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.support.procs import run_cli
 
 
 def test_chaos_run_loses_nothing(tmp_path: Path):
     run = tmp_path / "chaos"
     # 200 steps (the command's default is 300): the four kills are over by about step 100.
-    out = subprocess.run([sys.executable, "-m", "services.cli", "chaos", "--seed=1", "--clients=2", "--steps=200",
-                          f"--run-dir={run}"], capture_output=True, text=True, timeout=1500)
+    out = run_cli(["chaos", "--seed=1", "--clients=2", "--steps=200", f"--run-dir={run}"], timeout=1500)
     tail = "\n".join(line for line in (out.stdout + out.stderr).replace("\r", "\n").splitlines()
                      if not line.startswith("training"))[-6000:]
     assert out.returncode == 0, tail

@@ -8,6 +8,7 @@ import sys
 import time
 
 from services.common import events
+from services.common.proc import stop_process
 from services.learner.metrics import read_metrics
 from services.rollout.adapters import ADAPTER_LOADED
 from tests.support.proctree import alive, descendants
@@ -34,15 +35,19 @@ def test_demo_learns_and_stops_every_process(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), "--steps", str(STEPS),
                              "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[int] = set()
-    served: dict | None = None
-    deadline = time.monotonic() + 1200
-    while proc.poll() is None:
-        seen |= descendants(proc.pid)  # every process the run started, vLLM's engine included
-        if served is None and len(read_metrics(run)) >= 3:
-            served = query_while_training(run)
-        assert time.monotonic() < deadline, "the demo did not finish in 20 minutes"
-        time.sleep(1)
+    try:
+        seen: set[int] = set()
+        served: dict | None = None
+        deadline = time.monotonic() + 1200
+        while proc.poll() is None:
+            seen |= descendants(proc.pid)  # every process the run started, vLLM's engine included
+            if served is None and len(read_metrics(run)) >= 3:
+                served = query_while_training(run)
+            assert time.monotonic() < deadline, "the demo did not finish in 20 minutes"
+            time.sleep(1)
+    finally:  # a failure above: `up` stops its services on SIGTERM
+        if proc.poll() is None:
+            stop_process(proc, timeout_s=90)
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-3000:]
     assert "every process stopped" in out

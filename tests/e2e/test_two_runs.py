@@ -13,6 +13,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from services.common.proc import stop_process
 from services.learner.metrics import read_metrics
 from tests.support.proctree import alive, descendants
 
@@ -25,15 +26,19 @@ def test_two_runs_train_on_one_replica_and_stop(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", str(EXAMPLE), "--run-dir", str(run),
                              "--learner.steps", str(STEPS), "--rollout-replicas", "1", "--plot=false"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[int] = set()
-    served: dict[str, str] = {}
-    deadline = time.monotonic() + 600
-    while proc.poll() is None:
-        seen |= descendants(proc.pid)
-        if not served and all(len(read_metrics(run / a)) >= 2 for a in ("add-r16", "add-r8")):
-            served = _query_both(run)
-        assert time.monotonic() < deadline, "two short runs did not finish in 10 minutes"
-        time.sleep(0.5)
+    try:
+        seen: set[int] = set()
+        served: dict[str, str] = {}
+        deadline = time.monotonic() + 600
+        while proc.poll() is None:
+            seen |= descendants(proc.pid)
+            if not served and all(len(read_metrics(run / a)) >= 2 for a in ("add-r16", "add-r8")):
+                served = _query_both(run)
+            assert time.monotonic() < deadline, "two short runs did not finish in 10 minutes"
+            time.sleep(0.5)
+    finally:  # a failure above: `up` stops its services on SIGTERM
+        if proc.poll() is None:
+            stop_process(proc, timeout_s=90)
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-3000:]
     assert "every process stopped" in out and not [p for p in seen if alive(p)], "processes left running"

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from services.common.config import load_config
 from services.learner.config import LearnerConfig
 from services.learner.metrics import read_metrics
 from services.rollout.config import RolloutConfig
+from tests.support.procs import run_cli
 from tests.unit.test_verl import REFERENCE
 
 STEPS = 4
@@ -33,9 +32,8 @@ def test_the_reference_verl_command_trains_the_tiny_model(tmp_path: Path):
                            for a, b in ((1, 2), (3, 4), (5, 5), (9, 8))))
     cmd_file.write_text(REFERENCE.rstrip() + f" \\\n    data.val_files={val} trainer.test_freq=2\n")
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "services.cli", "up", "--verl-file", str(cmd_file), *SCALE_DOWN,
-                          "--run-dir", str(run), "--steps", str(STEPS), "--plot=false"],
-                         capture_output=True, text=True, timeout=1200)
+    out = run_cli(["up", "--verl-file", str(cmd_file), *SCALE_DOWN, "--run-dir", str(run), "--steps", str(STEPS),
+                   "--plot=false"], timeout=1200)
     shm_copy = re.search(r"use_shm: copied .* to (\S+)", out.stdout)
     try:
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

@@ -183,3 +183,19 @@ class LearnerProc:
     def stop(self) -> None:
         stop_process(self.proc, timeout_s=30)
         self.log.close()
+
+
+def run_cli(args: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """`python -m services.cli ARGS` to its end, output captured, like subprocess.run; past
+    `timeout` it gets SIGTERM first (`up`/`chaos` then stop every service they started; the
+    SIGKILL subprocess.run sends would orphan them), then TimeoutExpired is raised."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc, timeout_s=90)
+        raise
+    finally:
+        stop_process(proc, timeout_s=90)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
