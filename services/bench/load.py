@@ -51,7 +51,7 @@ PUB_NAME = "load-pub"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="loraloop bench load",
+        prog="loraloop bench load", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Holds one tiny-model rollout replica under concurrent gRPC Generate streams and "
                     "OpenAI streaming requests, then the broker under many publishes with retention on; "
                     "prints errors, latency, peak RSS, fds/threads before and after, Redis memory against "
