@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 async def run(cfg: BrokerConfig, stop: asyncio.Event | None = None) -> None:
     registry = AdapterRegistry.from_config(cfg.redis, cfg.registry, os.environ.get(cfg.redis.password_env))
+    registry.max_chunk_bytes = min(registry.max_chunk_bytes, max(512, cfg.server.max_message_bytes - 64))
     log.info(await registry.check_durability())
 
     def started(port: int) -> None:

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 WRITES_AHEAD = 8  # staging writes queued behind an upload's receive, at most
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4096, 8 * 1024 * 1024  # a Fetch's chunk_bytes is held to these
 
 
 def _k(name: str, suffix: str = "") -> str:
@@ -375,6 +376,7 @@ class AdapterRegistry:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._pin = redis.register_script(scripts.PIN)
         self._uploads = 0
+        self.max_chunk_bytes = MAX_CHUNK_BYTES  # app.run lowers it to fit the server's message limit
         self.relay = StagedRelay(cfg.relay_max_bytes, cfg.relay_grace_s) if cfg.relay_max_bytes > 0 else None
 
     @classmethod
@@ -518,8 +520,11 @@ class AdapterRegistry:
 
     @redis_errors_unavailable
     async def read(self, record: AdapterVersion, chunk_bytes: int = 0) -> AsyncIterator[bytes]:
-        """The adapter bytes of `record`, in chunks (a few reads pipelined per round trip)."""
-        chunk = chunk_bytes or self.cfg.chunk_bytes
+        """The adapter bytes of `record`, in chunks (a few reads pipelined per round trip). A
+        requested chunk size is held to [4 KiB, max_chunk_bytes]: 1-byte chunks made a 256 MB
+        fetch 256 M messages, and a chunk past the server's message limit failed the fetch
+        (RESOURCE_EXHAUSTED)."""
+        chunk = min(max(chunk_bytes, MIN_CHUNK_BYTES), self.max_chunk_bytes) if chunk_bytes else self.cfg.chunk_bytes
         key = f"ll:blob:{record.sha256}"
         if await self.redis.strlen(key) != record.size_bytes:
             raise NotFound(f"bytes of {record.ref} are gone (retired while being fetched?)")

@@ -335,6 +335,8 @@ def test_reads_and_pins_of_any_reference(broker, unchanged, method, name, versio
             record = pb.FetchResponse.FromString(out.responses[0]).record
             body = b"".join(pb.FetchResponse.FromString(r).chunk for r in out.responses[1:])
             assert hashlib.sha256(body).hexdigest() == record.sha256 and len(body) == record.size_bytes
+            if chunk_bytes:  # held to at least 4 KiB a message: 1-byte chunks would be one message a byte
+                assert len(out.responses) - 1 <= -(-record.size_bytes // max(chunk_bytes, 4096))
     else:  # retired (v1), never published, or a name with no versions
         assert_clear(out, {grpc.StatusCode.NOT_FOUND}, ok=False, what=(name, version))
 
