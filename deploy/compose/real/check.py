@@ -152,6 +152,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--keep-images", default="", help="comma-separated images the caller made (kept by down)")
+    ap.add_argument("--rmi", default="all", choices=["all", "none"],
+                    help="none: keep the built images at the end (to run again without rebuilding; the last check then fails)")
     ap.add_argument("--broker", required=True, help="host:port of the broker on the host's loopback")
     a = ap.parse_args(argv)
     # The client token from the env file (not the command line, which other users can read).
@@ -231,8 +233,9 @@ def main(argv: list[str]) -> int:
             print(f"--- logs of {s} (tail)", flush=True)
             stack.compose("logs", "--no-color", "--tail", "40", s, check=False, stream=True)
     finally:
-        say("docker compose down --volumes --rmi all --remove-orphans")
-        stack.compose("down", "--volumes", "--rmi", "all", "--remove-orphans", "--timeout", "20", timeout=600, check=False)
+        rmi = ["--rmi", "all"] if a.rmi == "all" else []
+        say(f"docker compose down --volumes {' '.join(rmi)} --remove-orphans")
+        stack.compose("down", "--volumes", *rmi, "--remove-orphans", "--timeout", "20", timeout=1200, check=False)
         after = inventory()
         keep = {x for x in a.keep_images.split(",") if x}
         left = {k: sorted(after[k] - (before[k] | (keep if k == "images" else set()))) for k in after}

@@ -4,8 +4,8 @@
 # 1. installs what it needs: apt's docker.io and debootstrap, and Compose v2 as a CLI plugin
 #    (Debian 13's docker-compose package, fetched with apt-get download through a private trixie
 #    source list; Debian 12's is v1, which refuses `name:`);
-# 2. starts its own dockerd (vfs, --bridge=none --iptables=false: no network of its own) with
-#    every directory and its socket under a scratch dir;
+# 2. starts its own dockerd (overlay2, else vfs; --bridge=none --iptables=false: no network of its
+#    own) with every directory and its socket under a scratch dir;
 # 3. builds the base images from Debian's packages (debootstrap bookworm, `docker import`), stand-ins
 #    for python:3.11-slim-bookworm (python3.11 in a venv on PATH) and redis:7.4-bookworm;
 # 4. serves this machine's wheel directory (/opt/wheels: the +cpu torch) and its installed
@@ -96,15 +96,28 @@ if ! docker compose version >/dev/null 2>&1; then
 fi
 
 # ------------------------------------------------------------------------- 2. the daemon
-mkdir -p "$SCRATCH/data" "$SCRATCH/exec"
-say "starting dockerd (data root $SCRATCH/data)"
-setsid dockerd --storage-driver=vfs --bridge=none --iptables=false --ip6tables=false \
-  --data-root "$SCRATCH/data" --exec-root "$SCRATCH/exec" --pidfile "$SCRATCH/dockerd.pid" \
-  -H "$DOCKER_HOST" > "$SCRATCH/dockerd.log" 2>&1 &
-DOCKERD_PID=$!
-for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-docker info >/dev/null || { tail -20 "$SCRATCH/dockerd.log"; exit 1; }
-say "$(docker version --format 'dockerd {{.Server.Version}} (pid '"$DOCKERD_PID"'), client {{.Client.Version}}'); $(docker compose version)"
+# overlay2 where the scratch dir's filesystem takes it (ext4 here): layers stored once. vfs, the
+# fallback, copies every layer and every container's filesystem in full: ~60 GB for this stack.
+start_dockerd() {
+  mkdir -p "$SCRATCH/data" "$SCRATCH/exec"
+  say "starting dockerd (storage driver $1, data root $SCRATCH/data)"
+  setsid dockerd --storage-driver="$1" --bridge=none --iptables=false --ip6tables=false \
+    --data-root "$SCRATCH/data" --exec-root "$SCRATCH/exec" --pidfile "$SCRATCH/dockerd.pid" \
+    -H "$DOCKER_HOST" > "$SCRATCH/dockerd-$1.log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 60); do
+    docker info >/dev/null 2>&1 && return 0
+    kill -0 "$DOCKERD_PID" 2>/dev/null || break
+    sleep 1
+  done
+  tail -5 "$SCRATCH/dockerd-$1.log"
+  kill -0 "$DOCKERD_PID" 2>/dev/null && { kill -TERM "$DOCKERD_PID"; wait "$DOCKERD_PID" 2>/dev/null || true; }
+  DOCKERD_PID=""
+  return 1
+}
+STORAGE="${LORALOOP_DOCKER_STORAGE:-overlay2}"
+start_dockerd "$STORAGE" || { [ "$STORAGE" != vfs ] && start_dockerd vfs; } || { echo "run.sh: dockerd did not start" >&2; exit 1; }
+say "$(docker version --format 'dockerd {{.Server.Version}} (pid '"$DOCKERD_PID"'), client {{.Client.Version}}'), storage driver $(docker info --format '{{.Driver}}'); $(docker compose version)"
 
 # ------------------------------------------------------------------------- 3. base images
 PY_BASE=loraloop-real/python:3.11-bookworm
