@@ -414,20 +414,25 @@ def spawn(spec: dict, work: Path) -> subprocess.Popen:
 
 
 def join(procs: dict[str, subprocess.Popen], specs: dict[str, dict], work: Path, timeout_s: float) -> dict[str, dict]:
-    """Wait for the client processes; each one's tally (or SystemExit with its log tail)."""
+    """Wait for the client processes; each one's tally (or SystemExit with its log tail).
+    Whatever happens (a timeout, one failing, Ctrl-C), none is left running."""
     from services.common.proc import stop_process
 
     out = {}
     deadline = time.monotonic() + timeout_s
-    for kind, proc in procs.items():
-        try:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    try:
+        for kind, proc in procs.items():
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stop_process(proc)
+            if proc.returncode != 0 or not Path(specs[kind]["out"]).exists():
+                log = (work / f"client-{kind}.log").read_text()[-3000:]
+                raise SystemExit(f"the {kind} client process failed (exit {proc.returncode}):\n{log}")
+            out[kind] = json.loads(Path(specs[kind]["out"]).read_text())
+    finally:
+        for proc in procs.values():
             stop_process(proc)
-        if proc.returncode != 0 or not Path(specs[kind]["out"]).exists():
-            log = (work / f"client-{kind}.log").read_text()[-3000:]
-            raise SystemExit(f"the {kind} client process failed (exit {proc.returncode}):\n{log}")
-        out[kind] = json.loads(Path(specs[kind]["out"]).read_text())
     return out
 
 
