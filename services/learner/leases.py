@@ -336,13 +336,22 @@ def invalid_group(g: TrajectoryGroupRecord, spec: GroupSpec, *, adapter_name: st
             return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.response_token_ids)} tokens"
         if not all(0 <= t < vocab_size for t in s.response_token_ids):
             return f"sample {i}: response token id outside [0, {vocab_size})"
-        if not all(math.isfinite(x) for x in s.logprobs):
-            return f"sample {i}: logprob not finite"
-        if not math.isfinite(s.reward):
-            return f"sample {i}: reward {s.reward!r} not finite"
+        if not all(_finite32(x) for x in s.logprobs):
+            return f"sample {i}: logprob not finite (as float32)"
+        if not _finite32(s.reward):
+            return f"sample {i}: reward {s.reward!r} not finite (as float32)"
         if not lo <= s.adapter_version <= hi:
             return f"sample {i}: adapter version {s.adapter_version} unknown (known: {lo}..{hi})"
     return None
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite32(x: float) -> bool:
+    """Finite once the trainer makes it a float32: a reward of 1e39 passed math.isfinite, became
+    inf in the batch, and its group's advantages NaN."""
+    return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
 
 
 _COUNTER_OF = {s: "accepted" if s is AckCode.OK else s.name.lower() for s in AckCode}
