@@ -168,7 +168,8 @@ def test_lease_any_worker_and_size(learner, counted, worker_id, max_groups):
 # ------------------------------------------------------------------ trajectories
 
 
-NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, -math.nan])
+# not finite, or not once the trainer makes it a float32 (1e39 passed, and poisoned the batch)
+NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, -math.nan, 1e39, -1e300, 3.5e38])
 BIG_IDS = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([2**32 - 1, 2**31]))
 
 
@@ -266,6 +267,21 @@ def test_oversized_and_cut_off_streams(learner, counted):
     assert rest.code == grpc.StatusCode.CANCELLED
     CASES("learner SubmitTrajectories (oversized)")
     CASES("learner SubmitTrajectories (cut off)")
+
+
+def test_values_past_float32_are_refused(learner, counted):
+    """Finite as float64, inf as the trainer's float32: accepted before, NaN advantages after."""
+    stub = pb_grpc.LearnerStub(learner.channel)
+    groups = []
+    for reward, logprob in ((1e39, -1.0), (-1e300, -1.0), (1.0, -1e39)):
+        g = good_group(learner.lease, learner.lease.groups[1])
+        g.samples[2].reward = reward
+        g.samples[2].logprobs[0] = logprob
+        groups.append(g)
+    acks = list(stub.SubmitTrajectories(iter(groups), metadata=MD, timeout=30))
+    counted["acks"] += acks
+    assert [a.code for a in acks] == [pb.ACK_INVALID_ARGUMENT] * 3, acks
+    CASES("learner SubmitTrajectories (past float32)", 3)
 
 
 def test_the_leased_groups_are_still_accepted_once(learner):
