@@ -12,7 +12,10 @@ through compose.hostnet.yaml), this drives `docker compose` as a user would and 
   policy (RestartCount up, a new pid, healthy again) and the run goes on;
 - the chaos run's checks (services/chaos.py): versions strictly increasing, gap-free per
   publisher epoch, none reused, every acknowledged publish still there after the Redis kill; no
-  trajectory group trained twice;
+  trajectory group trained twice; OpenAI-API clients (the official `openai` client, chaos's
+  Clients) querying both replicas throughout: only requests in flight on the killed replica
+  fail, each with a retryable status, and none is answered by a wrong version (a replica comes
+  back on a new port, port 0: requests to its old one are refused, counted as unreachable);
 - `docker compose down -v --rmi all` leaves no container, volume, network or image it made.
 
 Exit code 0 only when every check passed.
@@ -31,7 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.broker.client import BrokerClient
-from services.chaos import Report, check_groups, check_steps_and_reward, check_versions, lineage
+from services.chaos import (
+    Clients,
+    Report,
+    check_groups,
+    check_requests,
+    check_steps_and_reward,
+    check_versions,
+    lineage,
+)
+from services.chaos import Kill as ChaosKill
 from services.learner.metrics import read_metrics
 
 ORDER = ("broker", "redis", "learner", "rollout")  # services/chaos.py's order: a replica last
@@ -89,6 +101,16 @@ class Kill:
     back_after_s: float | None = None
     new_pid: int = 0
     restarts_after: int = 0
+
+
+def openai_url(container: str) -> str | None:
+    """The replica's OpenAI API address, from the line it prints once it serves (port 0)."""
+    out = subprocess.run(["docker", "logs", container], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=60).stdout
+    for line in out.splitlines()[::-1]:
+        if line.startswith("OpenAI API on http://"):
+            return line.split()[3]
+    return None
 
 
 def inventory() -> dict[str, set[str]]:
@@ -151,6 +173,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--env-file", required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=2, help="OpenAI-API clients querying the replicas throughout")
     ap.add_argument("--keep-images", default="", help="comma-separated images the caller made (kept by down)")
     ap.add_argument("--rmi", default="all", choices=["all", "none"],
                     help="none: keep the built images at the end (to run again without rebuilding; the last check then fails)")
@@ -165,6 +188,7 @@ def main(argv: list[str]) -> int:
     say(f"before: {len(before['containers'])} containers, {len(before['volumes'])} volumes, "
         f"networks {sorted(before['networks'])}, images {sorted(before['images'])}")
     t0 = time.time()
+    clients: Clients | None = None
     try:
         say(f"docker compose up --build --detach --scale rollout={a.replicas}")
         stack.compose("up", "--build", "--detach", "--scale", f"rollout={a.replicas}", timeout=3600, stream=True)
@@ -178,6 +202,18 @@ def main(argv: list[str]) -> int:
                    and len([n for n in modes if "rollout" in n]) == a.replicas,
                    ", ".join(f"{n}: {m}" for n, m in sorted(modes.items())))
         run = Run(stack, a.steps)
+        replicas = sorted(x["Name"].lstrip("/") for x in stack.containers("rollout"))
+        urls: dict[str, str | None] = dict.fromkeys(replicas)
+
+        def serving() -> bool:
+            for r in replicas:
+                urls[r] = urls[r] or openai_url(r)
+            return all(urls.values())
+
+        run.wait("both replicas serving the OpenAI API", serving, BACK_TIMEOUT_S, poll=2)
+        say(f"OpenAI API: {urls}; {a.clients} client(s) querying policy@latest (and versions seen, pinned)")
+        clients = Clients([urls[r] for r in replicas], client_token, "policy", a.clients, seed=0)
+        clients.start()
         kills = [Kill(s) for s in ORDER]
         next_step = FIRST_KILL_STEP
         t_train = time.time()
@@ -194,6 +230,7 @@ def main(argv: list[str]) -> int:
             next_step = run.step() + STEPS_BETWEEN_KILLS
         run.wait("the learner's last step", run.learner_done, 1800, poll=2)
         say(f"learner exited 0 after {time.time() - t_train:.0f} s of training")
+        clients.close()
         report.add("every service SIGKILLed once came back by its restart policy",
                    all(k.back_after_s is not None for k in kills),
                    "; ".join(f"{k.service} ({k.container}) pid {k.pid} -> {k.new_pid}, RestartCount "
@@ -209,6 +246,11 @@ def main(argv: list[str]) -> int:
             records, _ = client.list_versions("policy")
         check_versions(records, rows, report)
         check_groups(run.run_dir, rows, report)
+        # chaos's request check names a killed replica rollout-<index in the clients' list>.
+        check_requests(clients.requests, [ChaosKill(f"rollout-{replicas.index(k.container)}", "rollout", 0, k.pid, k.time,
+                                                    back_after_s=k.back_after_s or 0.0)
+                                          for k in kills if k.service == "rollout" and k.container in replicas],
+                       records, "policy", report)
         env = {**os.environ, "LORALOOP_BROKER": a.broker, "LORALOOP_TOKEN": client_token}
         listed = subprocess.run([sys.executable, "-m", "services.cli", "adapters", "list", "policy"],
                                 capture_output=True, text=True, env=env, timeout=60)
@@ -233,6 +275,8 @@ def main(argv: list[str]) -> int:
             print(f"--- logs of {s} (tail)", flush=True)
             stack.compose("logs", "--no-color", "--tail", "40", s, check=False, stream=True)
     finally:
+        if clients is not None:
+            clients.close()
         rmi = ["--rmi", "all"] if a.rmi == "all" else []
         say(f"docker compose down --volumes {' '.join(rmi)} --remove-orphans")
         stack.compose("down", "--volumes", *rmi, "--remove-orphans", "--timeout", "20", timeout=1200, check=False)
