@@ -215,25 +215,33 @@ class OpenAIFront:
             met.rejected.labels("http", "busy").inc()
             return self._error(429, f"{self.in_flight} requests in flight (http.max_concurrent); retry later",
                                headers={"retry-after": "1"})
-        try:
-            body = await _read_body(request)
-        except _TooLarge as e:
-            return self._error(413, str(e))
-        try:
-            req = model_type.model_validate(json.loads(body))
-        except (ValueError, RecursionError, ValidationError, self.h.ClientError) as e:
-            # json.JSONDecodeError is a ValueError; JSON nested 100,000 deep raises RecursionError and
-            # vLLM's own validation error (prompt "") is no ValueError: both answered 500
-            return self._error(400, f"invalid request: {e}")
-        n = getattr(req, "n", None) or 1
-        if n > MAX_N:  # as gRPC's Generate: vLLM's own bound (16384) lets one request hold the engine for minutes
-            return self._error(400, f"n={n} exceeds {MAX_N}", "n")
-        request = self._prioritize(req, request)
-        user_wants_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
-        if req.stream:  # always ask vLLM for the usage chunk (the metrics read it), drop it if not asked
-            opts = req.stream_options or self.h.StreamOptions()
-            req.stream_options = opts.model_copy(update={"include_usage": True})
+        # Take the slot at the check, before awaiting the body: taken after it, requests arriving
+        # while others read their bodies all passed (640 streams vs max_concurrent 512: ~630 in flight).
         self.in_flight += 1
+        admitted = False
+        try:
+            try:
+                body = await _read_body(request)
+            except _TooLarge as e:
+                return self._error(413, str(e))
+            try:
+                req = model_type.model_validate(json.loads(body))
+            except (ValueError, RecursionError, ValidationError, self.h.ClientError) as e:
+                # json.JSONDecodeError is a ValueError; JSON nested 100,000 deep raises RecursionError and
+                # vLLM's own validation error (prompt "") is no ValueError: both answered 500
+                return self._error(400, f"invalid request: {e}")
+            n = getattr(req, "n", None) or 1
+            if n > MAX_N:  # as gRPC's Generate: vLLM's own bound (16384) lets one request hold the engine for minutes
+                return self._error(400, f"n={n} exceeds {MAX_N}", "n")
+            request = self._prioritize(req, request)
+            user_wants_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
+            if req.stream:  # always ask vLLM for the usage chunk (the metrics read it), drop it if not asked
+                opts = req.stream_options or self.h.StreamOptions()
+                req.stream_options = opts.model_copy(update={"include_usage": True})
+            admitted = True  # from here the request's own end (_done) gives the slot back
+        finally:
+            if not admitted:
+                self.in_flight -= 1
         stack = contextlib.AsyncExitStack()
         status, label = 200, "base"
         streaming = False
