@@ -224,7 +224,11 @@ def main(argv: list[str]) -> int:
                 say(f"training ended before the {k.service} kill")
                 break
             run.kill(k)
-            k.back_after_s = run.wait(f"{k.service} back after its SIGKILL", lambda k=k: run.back(k), BACK_TIMEOUT_S)
+            try:
+                k.back_after_s = run.wait(f"{k.service} back after its SIGKILL", lambda k=k: run.back(k), BACK_TIMEOUT_S)
+            except TimeoutError as e:
+                say(f"{e}; no further kills")
+                break
             say(f"{k.container} back after {k.back_after_s:.1f} s (RestartCount {k.restarts_after}, "
                 f"new host pid {k.new_pid}); learner at step {run.step()}")
             next_step = run.step() + STEPS_BETWEEN_KILLS

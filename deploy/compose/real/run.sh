@@ -53,6 +53,7 @@ DOCKERD_PID="" SERVE_PID=""
 cleanup() {
   local rc=$?
   set +e
+  trap '' INT TERM  # the daemon and the scratch dir go, even on a second Ctrl-C
   if [ -n "$SERVE_PID" ]; then kill "$SERVE_PID" 2>/dev/null; wait "$SERVE_PID" 2>/dev/null; fi
   if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
     say "stopping dockerd (pid $DOCKERD_PID)"
@@ -195,6 +196,6 @@ rc=0
 PYTHONPATH="$SRC" "$PY" "$SRC/deploy/compose/real/check.py" --compose-dir "$SRC/deploy/compose" \
   --env-file "$ENV_FILE" --steps "$STEPS" --broker "127.0.0.1:$BROKER_PORT" \
   --keep-images "$PY_BASE,$REDIS_BASE" || rc=$?
-docker rmi "$PY_BASE" "$REDIS_BASE" >/dev/null
+docker rmi "$PY_BASE" "$REDIS_BASE" >/dev/null || true
 say "images left on the daemon: $(docker images -a -q | wc -l); containers: $(docker ps -a -q | wc -l); volumes: $(docker volume ls -q | wc -l)"
 exit $rc
