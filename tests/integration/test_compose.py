@@ -449,7 +449,7 @@ def test_hostnet_override():
     # Each replica names itself (hostname-pid would be the host's hostname and pid 1 in both).
     entry = services["rollout"]["entrypoint"]
     assert entry[:2] == ["sh", "-ec"] and "--worker_id=" in entry[2] and 'exec "$$@"' in entry[2]
-    for name in ("broker", "learner", "rollout", "model-init"):
+    for name in ("broker", "learner", "rollout"):
         build = services[name]["build"]
         args = dict(a.partition("=")[::2] for a in build["args"])
         assert build["network"] == "host" and {"BASE_IMAGE", "PIP_FIND_LINKS", "PIP_CONSTRAINT"} <= set(args)
@@ -467,11 +467,14 @@ def test_hostnet_override():
 def test_gpu_override():
     cpu, gpu = load(BASE)["services"], merged()["services"]
     for name in ("learner", "rollout", "model-init"):
-        assert gpu[name]["build"]["dockerfile"].endswith(".gpu"), name
-        assert gpu[name]["build"]["context"] == cpu[name]["build"]["context"]
+        if name != "model-init":
+            assert gpu[name]["build"]["dockerfile"].endswith(".gpu"), name
+            assert gpu[name]["build"]["context"] == cpu[name]["build"]["context"]
         assert gpu[name]["image"].endswith(":gpu") and cpu[name]["image"].endswith(":cpu")
         assert gpu[name]["command"] == cpu[name]["command"]
-    assert gpu["model-init"]["build"] == gpu["learner"]["build"]
+    # model-init runs the learner's image, which the learner service builds (one build, no
+    # untagged copy left by `down --rmi all`).
+    assert "build" not in gpu["model-init"] and gpu["model-init"]["image"] == gpu["learner"]["image"]
     for name in ("learner", "rollout"):
         assert "deploy" not in cpu[name]
         (dev,) = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -566,8 +569,10 @@ def test_example_override_merges(name):
     gpu, services = merged()["services"], doc["services"]
     # The GPU images throughout; verl-config is the learner's image (loraloop and pyarrow).
     for svc in ("verl-config", "model-init", "learner", "rollout"):
-        assert services[svc]["build"] == interpolated(gpu["learner" if svc != "rollout" else svc]["build"], env)
+        if svc != "model-init":  # model-init runs the image the learner service builds
+            assert services[svc]["build"] == interpolated(gpu["learner" if svc != "rollout" else svc]["build"], env)
         assert services[svc]["image"] == gpu["learner" if svc != "rollout" else svc]["image"]
+    assert "build" not in services["model-init"]
     assert services["broker"] == interpolated(gpu["broker"], env) and services["redis"] == interpolated(gpu["redis"], env)
     # compose.gpu.yaml's one-GPU reservation is replaced (`!override`), not added to.
     ex = EXPECTED[name]
@@ -696,7 +701,9 @@ def dockerfile_of(doc: dict, service: str) -> Path:
 
 def test_each_service_has_its_dockerfile():
     cpu, gpu = load(BASE), merged()
-    used = {dockerfile_of(d, s) for d in (cpu, gpu) for s in ("broker", "learner", "rollout", "model-init")}
+    used = {dockerfile_of(d, s) for d in (cpu, gpu) for s in ("broker", "learner", "rollout")}
+    assert "build" not in cpu["services"]["model-init"] and \
+        cpu["services"]["model-init"]["image"] == cpu["services"]["learner"]["image"]
     assert used == set(DOCKERFILES)
     assert len({dockerfile_of(cpu, s) for s in ("broker", "learner", "rollout")}) == 3
 
