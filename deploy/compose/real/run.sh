@@ -196,6 +196,6 @@ rc=0
 PYTHONPATH="$SRC" "$PY" "$SRC/deploy/compose/real/check.py" --compose-dir "$SRC/deploy/compose" \
   --env-file "$ENV_FILE" --steps "$STEPS" --broker "127.0.0.1:$BROKER_PORT" \
   --keep-images "$PY_BASE,$REDIS_BASE" || rc=$?
-docker rmi "$PY_BASE" "$REDIS_BASE" >/dev/null || true
+docker rmi "$PY_BASE" "$REDIS_BASE" >/dev/null 2>&1 || true  # down --rmi all took the Redis one (a service uses it)
 say "images left on the daemon: $(docker images -a -q | wc -l); containers: $(docker ps -a -q | wc -l); volumes: $(docker volume ls -q | wc -l)"
 exit $rc
