@@ -569,10 +569,10 @@ def test_example_override_merges(name):
     gpu, services = merged()["services"], doc["services"]
     # The GPU images throughout; verl-config is the learner's image (loraloop and pyarrow).
     for svc in ("verl-config", "model-init", "learner", "rollout"):
-        if svc != "model-init":  # model-init runs the image the learner service builds
+        if svc not in ("model-init", "verl-config"):  # those two run the image the learner service builds
             assert services[svc]["build"] == interpolated(gpu["learner" if svc != "rollout" else svc]["build"], env)
         assert services[svc]["image"] == gpu["learner" if svc != "rollout" else svc]["image"]
-    assert "build" not in services["model-init"]
+    assert "build" not in services["model-init"] and "build" not in services["verl-config"]
     assert services["broker"] == interpolated(gpu["broker"], env) and services["redis"] == interpolated(gpu["redis"], env)
     # compose.gpu.yaml's one-GPU reservation is replaced (`!override`), not added to.
     ex = EXPECTED[name]
