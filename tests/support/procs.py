@@ -193,9 +193,6 @@ def run_cli(args: list[str], timeout: float, **kw) -> subprocess.CompletedProces
                             stderr=subprocess.PIPE, text=True, **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process(proc, timeout_s=90)
-        raise
-    finally:
+    finally:  # past the timeout (TimeoutExpired goes on up) or on any other error
         stop_process(proc, timeout_s=90)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
