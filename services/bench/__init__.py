@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -59,6 +60,32 @@ def read_lines(path: str) -> list[str]:
         return Path(path).read_text().splitlines()
     except OSError:
         return []
+
+
+def listdir(path: str) -> list[str]:
+    """A directory's entries, or none where it cannot be read (a process gone, /proc elsewhere)."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def children(pid: int) -> list[int]:
+    """`pid`'s child processes, started from any of its threads (/proc/PID/task/*/children)."""
+    return [int(c) for task in listdir(f"/proc/{pid}/task")
+            for line in read_lines(f"/proc/{pid}/task/{task}/children") for c in line.split()]
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and every descendant."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        todo += children(pid)
+    return out
 
 
 def wait_http_ok(url: str, timeout_s: float, exited=lambda: None) -> bool:

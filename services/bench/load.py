@@ -40,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bench import emit, percentile, read_lines
+from services.bench import emit, listdir, percentile, read_lines, tree_pids
 
 SHED = {"grpc": ("RESOURCE_EXHAUSTED", "UNAVAILABLE"), "openai": ("http_429", "http_503"), "publish": (
     "RESOURCE_EXHAUSTED", "UNAVAILABLE")}
@@ -211,27 +211,6 @@ def key_family(key: str) -> str:
 # ------------------------------------------------------------------ process trees
 
 
-def tree_pids(root: int) -> list[int]:
-    """`root` and every descendant (from /proc/PID/task/*/children)."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.append(pid)
-        for task in _listdir(f"/proc/{pid}/task"):
-            for line in read_lines(f"/proc/{pid}/task/{task}/children"):
-                todo += [int(c) for c in line.split()]
-    return out
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
 def proc_reading(root: int) -> dict:
     """RSS (MB), open fds and threads of `root`'s process tree, summed, and its process count."""
     rss_kb = threads = fds = 0
@@ -242,7 +221,7 @@ def proc_reading(root: int) -> dict:
                 rss_kb += int(line.split()[1])
             elif line.startswith("Threads:"):
                 threads += int(line.split()[1])
-        fds += len(_listdir(f"/proc/{pid}/fd"))
+        fds += len(listdir(f"/proc/{pid}/fd"))
     return {"procs": len(pids), "rss_mb": rss_kb / 1024, "fds": fds, "threads": threads}
 
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.bench import emit, read_lines
+from services.bench import children as _children  # noqa: F401  (tests list a tree with it)
+from services.bench import emit, read_lines, tree_pids
 
 SAMPLES = 8  # samples per group, both workloads
 
@@ -121,14 +122,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------ process-tree memory
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in read_lines(f"/proc/{pid}/task") or [str(pid)]:
-        for line in read_lines(f"/proc/{pid}/task/{task}/children"):
-            out += [int(c) for c in line.split()]
-    return out
-
-
 def _rss_kb(pid: int) -> int:
     for line in read_lines(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -138,15 +131,7 @@ def _rss_kb(pid: int) -> int:
 
 def tree_rss_kb(pid: int) -> int:
     """Resident memory of `pid` and every descendant, summed (0 where /proc is not Linux's)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _rss_kb(p)
-        todo += _children(p)
-    return total
+    return sum(_rss_kb(p) for p in tree_pids(pid))
 
 
 class PeakTreeMemory:
