@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# Ray's workers bind 10002-19999 by default; ports the kernel hands out for port-0 binds and
+# outgoing connections come from net.ipv4.ip_local_port_range (32768-60999 by default).
+_PICK_LOW = 20000
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the caller binds it soon after)."""
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for port-0 binds and outgoing connections (Linux; else 32768-60999)."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
+    """A port that was free a moment ago, for a server the caller starts soon after.
+
+    Picked below the kernel's ephemeral range, so that no port-0 bind or outgoing
+    connection made in between (vLLM's engine sockets, gloo, gRPC clients) can take it:
+    a port the kernel itself handed out could be handed out again at once, and was (a
+    rollout under Ray lost its port to its own vLLM engine). Falls back to a kernel-chosen
+    port where the range leaves no room below it."""
+    low, _ = ephemeral_range()
+    rng = rng or random.SystemRandom()
+    if low - _PICK_LOW >= 1000:
+        for _ in range(64):
+            port = rng.randrange(_PICK_LOW, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
