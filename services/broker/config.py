@@ -19,7 +19,11 @@ class RegistryConfig(Section):
     max_concurrent_uploads: int = Field(16, ge=1)
     """Uploads in progress at once; more get RESOURCE_EXHAUSTED (backpressure)."""
     publish_id_ttl_s: int = Field(86400, ge=60)
-    """How long a publish id is remembered, so a retried publish is not committed twice."""
+    """How long publish ids are remembered after a name's last publish, so a retried publish is
+    not committed twice."""
+    publish_ids_kept: int = Field(100, ge=1)
+    """Publish ids remembered per name (the newest). A publisher retries only the publish it has
+    in flight, so a handful would do; what Redis holds for them stays bounded (~60 B each)."""
     relay_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Uploads up to this size are relayed to followers that ask (WatchRequest.include_staged)
     as their bytes arrive, so rollout servers load a version while its commit is made durable;
@@ -28,8 +32,11 @@ class RegistryConfig(Section):
     relay_grace_s: float = Field(10.0, ge=0)
     """How long an ended relayed upload stays fetchable (FetchStaged), for followers that ask
     late; at most relay_max_bytes of them are kept."""
-    events_maxlen: int = Field(100_000, ge=1000)
-    """Approximate length cap of each adapter's event stream (watch replays from it)."""
+    events_maxlen: int = Field(100, ge=1)
+    """Events kept per adapter name (exactly; ~700 B each). Watch replays from them, and a
+    watcher further behind is sent the live versions past its cursor from the version set
+    instead (versions retired in between are skipped: they cannot be fetched any more). Keeps
+    what Redis holds independent of the number of publishes."""
 
 
 class BrokerConfig(Section):

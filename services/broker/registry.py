@@ -58,6 +58,11 @@ WRITES_AHEAD = 8  # staging writes queued behind an upload's receive, at most
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4096, 8 * 1024 * 1024  # a Fetch's chunk_bytes is held to these
 
 
+def _stream_version(entry_id: str) -> int:
+    """The version an event-stream entry id ("{version}-0") stands for."""
+    return int(entry_id.split("-", 1)[0])
+
+
 def _k(name: str, suffix: str = "") -> str:
     return f"ll:a:{name}{suffix}"
 
@@ -321,12 +326,12 @@ class Upload:
             )
         record = self._record(digest)
         reg = self.registry
-        pub_key = _k(i.name, f":pub:{i.publish_id}") if i.publish_id else "ll:unused"
         res = await reg._commit(
             keys=[_k(i.name), _k(i.name, ":versions"), _k(i.name, ":events"), self.key,
-                  f"ll:blob:{digest}", f"ll:blobref:{digest}", "ll:names", pub_key, _k(i.name, ":pinned")],
+                  f"ll:blob:{digest}", f"ll:blobref:{digest}", "ll:names", _k(i.name, ":pubids"),
+                  _k(i.name, ":pinned")],
             args=[i.epoch, i.size_bytes, record.to_json(), i.name, _k(i.name, ":v:"), reg.cfg.keep_last,
-                  reg.cfg.publish_id_ttl_s if i.publish_id else 0, reg.cfg.events_maxlen],
+                  i.publish_id, reg.cfg.events_maxlen, reg.cfg.publish_ids_kept, reg.cfg.publish_id_ttl_s],
         )
         self._done = True
         status = res[0].decode()
@@ -606,6 +611,7 @@ class AdapterRegistry:
     async def _watch_committed(self, after: dict[str, int], block_ms: int) -> AsyncIterator[tuple[AdapterVersion, bool]]:
         for n in after:
             validate_name(n)
+        names = {_k(n, ":events"): n for n in after}
         cursor = {_k(n, ":events"): f"{v}-0" for n, v in after.items()}
         latest_at_start = {}
         for n in after:
@@ -615,9 +621,23 @@ class AdapterRegistry:
             for stream, entries in res or []:
                 stream = stream.decode() if isinstance(stream, bytes) else stream
                 for entry_id, fields in entries:
+                    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    version, seen = _stream_version(entry_id), _stream_version(cursor[stream])
+                    if version > seen + 1:  # the events between were trimmed (events_maxlen)
+                        for rec in await self._retrying(self._live_between, names[stream], seen, version):
+                            yield rec, rec.version > latest_at_start[stream]
                     rec = AdapterVersion.from_json(fields[b"record"])
-                    cursor[stream] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    cursor[stream] = entry_id
                     yield rec, rec.version > latest_at_start[stream]
+
+    async def _live_between(self, name: str, low: int, high: int) -> list[AdapterVersion]:
+        """The live versions strictly between `low` and `high` (pinned ones, or ones still kept), in
+        order: what a watcher behind the event stream's trim is sent in place of those events."""
+        versions = await self.redis.zrangebyscore(_k(name, ":versions"), f"({low}", f"({high}")
+        if not versions:
+            return []
+        records = await self.redis.mget([_k(name, f":v:{int(v)}") for v in versions])
+        return [AdapterVersion.from_json(js) for js in records if js is not None]
 
     async def _retrying(self, fn, *args, **kwargs):
         deadline = asyncio.get_running_loop().time() + self.redis_cfg.retry_s

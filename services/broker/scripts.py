@@ -5,8 +5,10 @@ Keys (name validated by services.common.names; sha256 is hex):
   ll:a:{name}:versions    zset of live versions (score = version)
   ll:a:{name}:v:{n}       JSON record of version n
   ll:a:{name}:pinned      set of pinned versions
-  ll:a:{name}:events      stream, entry id "{version}-0", field record = JSON
-  ll:a:{name}:pub:{id}    version committed by publish id (idempotent retries), with TTL
+  ll:a:{name}:events      stream, entry id "{version}-0", field record = JSON; the newest
+                          events_maxlen entries (watch fills a gap past them from :versions)
+  ll:a:{name}:pubids      zset publish id -> version committed (idempotent retries): the newest
+                          publish_ids_kept ids, expiring publish_id_ttl_s after the last publish
   ll:blob:{sha256}        adapter_model.safetensors bytes (shared by versions with equal bytes)
   ll:blobref:{sha256}     number of live versions that reference the blob
   ll:staging:{upload}     bytes of an upload in progress, with TTL (never visible)
@@ -36,16 +38,19 @@ local function retain(versions_key, pinned_key, rec_prefix, keep)
 end
 """
 
-# KEYS: meta, versions, events, staging, blob, blobref, names, pubid, pinned
-# ARGV: epoch, size, record json, name, record prefix, keep_last, pubid ttl, stream maxlen
+# KEYS: meta, versions, events, staging, blob, blobref, names, pubids, pinned
+# ARGV: epoch, size, record json, name, record prefix, keep_last, publish id ('' = none),
+#       stream maxlen, publish ids kept, publish id ttl
+# What a commit leaves beyond the retained versions is bounded: the stream is trimmed to exactly
+# maxlen entries and the publish ids to the newest `kept`, whatever the number of publishes.
 COMMIT = _RETAIN + """
 local cur = redis.call('HGET', KEYS[1], 'epoch')
 if (not cur) or cur ~= ARGV[1] then
   redis.call('DEL', KEYS[4])
   return {'STALE', cur or '0'}
 end
-if ARGV[7] ~= '0' then
-  local prev = redis.call('GET', KEYS[8])
+if ARGV[7] ~= '' then
+  local prev = redis.call('ZSCORE', KEYS[8], ARGV[7])
   if prev then
     redis.call('DEL', KEYS[4])
     return {'DUP', redis.call('GET', ARGV[5] .. prev) or '', prev}
@@ -72,10 +77,12 @@ rec['publisher_epoch'] = tonumber(ARGV[1])
 local js = cjson.encode(rec)
 redis.call('SET', ARGV[5] .. v, js)
 redis.call('ZADD', KEYS[2], v, v)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], v .. '-0', 'record', js)
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[8], v .. '-0', 'record', js)
 redis.call('SADD', KEYS[7], ARGV[4])
-if ARGV[7] ~= '0' then
-  redis.call('SET', KEYS[8], v, 'EX', ARGV[7])
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[8], v, ARGV[7])
+  redis.call('ZREMRANGEBYRANK', KEYS[8], 0, -(tonumber(ARGV[9]) + 1))
+  redis.call('EXPIRE', KEYS[8], ARGV[10])
 end
 retain(KEYS[2], KEYS[9], ARGV[5], tonumber(ARGV[6]))
 return {'OK', js, tostring(v)}

@@ -196,3 +196,33 @@ def test_fetch_to_file_writes_the_verified_bytes_and_removes_bad_ones(broker, re
         with pytest.raises(NotFound):
             c.fetch_to_file("tofile@v7", out)
         assert not out.exists()
+
+
+def test_what_a_publish_leaves_beyond_retention_is_bounded(broker_factory, redis_proc):
+    """Issue 19 (load held): with keep_last 2, 3 events and 4 publish ids kept, 12 publishes leave
+    exactly 2 versions + the pinned one, 3 stream entries, 4 publish ids and one key per family,
+    whatever their number; a retried publish among the kept ids is still deduplicated, an older
+    one is committed again (the ids past the newest 4 are forgotten)."""
+    b = broker_factory("--registry.keep_last=2", "--registry.events_maxlen=3", "--registry.publish_ids_kept=4")
+    r = redis_proc.client()
+    with BrokerClient(b.target, TOKENS["learner"]) as c:
+        epoch, _ = c.acquire_publisher("bounded")
+        c.publish_bytes("bounded", epoch, *make_adapter(seed=100), FP, publish_id="id-1")
+        c.pin("bounded@v1")
+        for i in range(2, 13):
+            c.publish_bytes("bounded", epoch, *make_adapter(seed=100 + i), FP, publish_id=f"id-{i}")
+        records, latest = c.list_versions("bounded")
+        assert latest == 12 and [x.version for x in records] == [1, 11, 12]
+        assert r.xlen("ll:a:bounded:events") == 3
+        assert [int(e[0].split(b"-")[0]) for e in r.xrange("ll:a:bounded:events")] == [10, 11, 12]
+        assert r.zrange("ll:a:bounded:pubids", 0, -1) == [b"id-9", b"id-10", b"id-11", b"id-12"]
+        assert 0 < r.ttl("ll:a:bounded:pubids") <= 86400
+        assert sorted(k.decode() for k in r.scan_iter("ll:a:bounded*")) == [
+            "ll:a:bounded", "ll:a:bounded:events", "ll:a:bounded:pinned", "ll:a:bounded:pubids",
+            "ll:a:bounded:v:1", "ll:a:bounded:v:11", "ll:a:bounded:v:12", "ll:a:bounded:versions"]
+        again, dedup = c.publish_bytes("bounded", epoch, *make_adapter(seed=112), FP, publish_id="id-12")
+        assert (again.version, dedup) == (12, True)
+        with pytest.raises(NotFound):  # id-10's version is kept in the ids but retired by retention
+            c.publish_bytes("bounded", epoch, *make_adapter(seed=110), FP, publish_id="id-10")
+        forgotten, dedup = c.publish_bytes("bounded", epoch, *make_adapter(seed=102), FP, publish_id="id-2")
+        assert (forgotten.version, dedup) == (13, False)

@@ -130,3 +130,28 @@ def test_many_names_in_one_watch_stay_ordered_per_name(broker):
         assert [v for n, v, _ in got if n == "bb"] == [1, 2, 3]
     finally:
         w.close()
+
+
+def test_a_watcher_behind_the_trimmed_stream_gets_every_live_version(broker_factory):
+    """events_maxlen 3: a watch from before the oldest event is sent the live versions past its
+    cursor from the version set (the pinned v1), then the stream; retired versions in between
+    (v2..v6) are skipped, since they cannot be fetched any more."""
+    b = broker_factory("--registry.keep_last=2", "--registry.events_maxlen=3")
+    with BrokerClient(b.target, TOKENS["learner"]) as c:
+        epoch, _ = c.acquire_publisher("trim")
+        _publish(b.target, "trim", epoch, range(1))
+        c.pin("trim@v1")
+    _publish(b.target, "trim", epoch, range(1, 9))  # v2..v9; events v7, v8, v9 are kept
+    w, late = Watcher(b.target, {"trim": 0}), Watcher(b.target, {"trim": 4})
+    try:
+        assert w.take(4) == [("trim", 1, False), ("trim", 7, False), ("trim", 8, False), ("trim", 9, False)]
+        assert [v for _, v, _ in late.take(3)] == [7, 8, 9]  # v5, v6 retired: nothing to fill
+        assert _publish(b.target, "trim", epoch, range(9, 11)) == [10, 11]
+        assert w.take(2) == [("trim", 10, True), ("trim", 11, True)]
+        assert [v for _, v, _ in late.take(2)] == [10, 11]
+        with pytest.raises(queue.Empty):
+            w.seen.get(timeout=0.3)
+        assert w.error is None and late.error is None
+    finally:
+        w.close()
+        late.close()

@@ -15,6 +15,7 @@ from services.bench.load import (
     history_figures,
     key_family,
     leak_verdict,
+    merge_tallies,
     parse_args,
     proc_reading,
     redis_bound,
@@ -64,27 +65,43 @@ def test_leak_verdict_past_the_slack_only():
     assert (grew["fds_delta"], grew["threads_delta"]) == (9, 5)
 
 
-def test_redis_bound_is_baseline_plus_keep_last_adapters():
-    b = redis_bound(baseline_bytes=1_000_000, keep_last=10, adapter_bytes=20_000, used_bytes=1_100_000, publishes=100)
-    assert b["bound_bytes"] == 1_200_000 and b["within_bound"] and b["excess_bytes_per_publish"] == 0
-    assert b["ratio"] == pytest.approx(1_100_000 / 1_200_000)
-    over = redis_bound(1_000_000, 10, 20_000, 1_500_000, publishes=1000)
+def test_redis_bound_is_baseline_plus_keep_last_adapters_plus_a_fixed_overhead():
+    allowance = 10 * 2048 + 100 * 1024 + 100 * 128
+    b = redis_bound(baseline_bytes=1_000_000, keep_last=10, adapter_bytes=20_000, used_bytes=1_100_000,
+                    publishes=100, events_maxlen=100, publish_ids_kept=100, used_half_bytes=1_099_000,
+                    half_publishes=50)
+    assert b["overhead_allowance_bytes"] == allowance and b["bound_bytes"] == 1_200_000 + allowance
+    assert b["within_bound"] and b["excess_bytes_per_publish"] == 0 and b["overhead_bytes"] == -100_000
+    assert b["ratio"] == pytest.approx(1_100_000 / (1_200_000 + allowance))
+    assert b["growth_bytes_per_publish"] == pytest.approx(20.0)
+    over = redis_bound(1_000_000, 10, 20_000, 1_500_000 + allowance, publishes=1000, events_maxlen=100,
+                       publish_ids_kept=100)
     assert not over["within_bound"] and over["excess_bytes_per_publish"] == pytest.approx(300.0)
+    assert over["growth_bytes_per_publish"] is None  # no reading at the half
 
 
-def test_history_per_publish_and_at_the_stream_cap():
-    h = history_figures(events=1000, events_bytes=650_000, pub_ids={"keys": 1000, "bytes": 104_000},
-                        events_maxlen=100_000, ttl_s=86400)
-    assert h["bytes_per_event"] == 650.0 and h["events_bytes_at_cap"] == 65_000_000.0
-    assert h["bytes_per_publish_id"] == 104.0
-    assert history_figures(0, 0, {"keys": 0, "bytes": 0}, 1000, 60)["bytes_per_event"] == 0.0
+def test_history_kept():
+    h = history_figures(events=100, events_bytes=65_000, pub_ids={"members": 100, "bytes": 6_400},
+                        events_maxlen=100, ids_kept=100, ttl_s=86400)
+    assert h["bytes_per_event"] == 650.0 and h["bytes_per_publish_id"] == 64.0
+    assert (h["events_maxlen"], h["publish_ids_kept"], h["publish_id_ttl_s"]) == (100, 100, 86400)
+    assert history_figures(0, 0, {"members": 0, "bytes": 0}, 100, 100, 60)["bytes_per_event"] == 0.0
+
+
+def test_two_halves_tally_as_one():
+    a = {"outcomes": {"ok": 2}, "latency_s": [0.1, 0.2], "ttft_s": [], "tokens": 10, "examples": {}, "seconds": 1.0}
+    b = {"outcomes": {"ok": 1, "UNAVAILABLE": 1}, "latency_s": [0.3], "ttft_s": [], "tokens": 5,
+         "examples": {"UNAVAILABLE": "x"}, "seconds": 2.0}
+    m = merge_tallies(a, b)
+    assert m["outcomes"] == {"ok": 3, "UNAVAILABLE": 1} and m["latency_s"] == [0.1, 0.2, 0.3]
+    assert (m["tokens"], m["seconds"], m["examples"]) == (15, 3.0, {"UNAVAILABLE": "x"})
 
 
 def test_key_families_follow_the_broker_layout():
     assert key_family("ll:blob:" + "ab" * 32) == "blobs (adapter bytes)"
     assert key_family("ll:blobref:" + "ab" * 32) == "blob refcounts"
     assert key_family("ll:a:load-pub:events") == "event streams"
-    assert key_family("ll:a:load-pub:pub:0123abcd") == "publish ids"
+    assert key_family("ll:a:load-pub:pubids") == "publish ids"
     assert key_family("ll:a:load-pub:v:17") == "version records"
     assert key_family("ll:a:load-pub:versions") == "version sets"
     assert key_family("ll:a:load-pub") == "name heads"
@@ -128,14 +145,14 @@ def test_report_and_failure_of_a_publish_only_result():
                                          {"rss_mb": 65.0, "fds": 15, "threads": 8}, 8, 4)}}
     pub = {**summarize(Tally(seconds=2.0).to_json(), SHED["publish"]), "publishes_per_s": 0.0,
            "adapter_bytes": 100, "keep_last": 10, "latest_version": 0, "versions_kept": [],
-           "history": history_figures(4, 2000, {"keys": 4, "bytes": 400}, 1000, 86400),
-           "redis": {**redis_bound(1000, 10, 100, 3000, 0), "families": {"other": {"keys": 1, "bytes": 80}}},
+           "history": history_figures(4, 2000, {"members": 4, "bytes": 400}, 100, 100, 86400),
+           "redis": {**redis_bound(1000, 10, 100, 2 * 137_680, 0, 100, 100), "families": {"other": {"keys": 1, "bytes": 80}}},
            "servers": servers}
     result = {"machine": {"nproc": 2, "loadavg_start": [0.5, 0, 0]}, "wall_s": 3.0,
               "config": {"cpu_bind": "0", "client_cpus": [1]}, "publish": pub}
     text = report(result)
-    assert "ratio 1.50 (OVER the bound" in text and "no leak (+1 fds, +0 threads" in text
-    assert "(4 entries, 0.00 MB, 500 B each; trimmed at ~1,000 per name, 0 MB" in text
+    assert "ratio 2.00 (OVER the bound" in text and "no leak (+1 fds, +0 threads" in text
+    assert "event stream 4 entries (events_maxlen 100), 2 KB, 500 B each; publish ids 4" in text
     assert "66 66 65 65" in text  # RSS at 0.5, 1, 1.5, 2 s: the first sample at or after each
     assert not failed(result)  # over its Redis bound: a goal missed, printed, not a failure
     result["publish"]["errors_total"] = 1
