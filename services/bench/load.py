@@ -188,14 +188,16 @@ PER_VERSION_ALLOWANCE, PER_EVENT_ALLOWANCE, PER_PUBLISH_ID_ALLOWANCE = 2048, 102
 
 def redis_bound(baseline_bytes: int, keep_last: int, adapter_bytes: int, used_bytes: int, publishes: int,
                 events_maxlen: int, publish_ids_kept: int, used_half_bytes: int | None = None,
-                half_publishes: int = 0) -> dict:
+                half_publishes: int = 0, stats_bytes: int = 0) -> dict:
     """Redis's used_memory after retention against the bound: what Redis held before the publishes
     + keep_last x adapter size + an overhead that does not depend on the number of publishes (the
-    allowances above, for keep_last versions, events_maxlen events and publish_ids_kept ids).
+    allowances above, for keep_last versions, events_maxlen events and publish_ids_kept ids, and
+    `stats_bytes`: Redis's own per-command statistics, one latency histogram per command name
+    with `latency-tracking yes`, Redis 7's default, measured as what CONFIG RESETSTAT frees).
     `used_half_bytes`, read after the first `half_publishes`, gives the growth per publish over
     the rest: ~0 when nothing grows with their number."""
     overhead = (keep_last * PER_VERSION_ALLOWANCE + events_maxlen * PER_EVENT_ALLOWANCE
-                + publish_ids_kept * PER_PUBLISH_ID_ALLOWANCE)
+                + publish_ids_kept * PER_PUBLISH_ID_ALLOWANCE + stats_bytes)
     bound = baseline_bytes + keep_last * adapter_bytes + overhead
     later = publishes - half_publishes
     growth = (used_bytes - used_half_bytes) / later if used_half_bytes is not None and later > 0 else None
@@ -205,7 +207,7 @@ def redis_bound(baseline_bytes: int, keep_last: int, adapter_bytes: int, used_by
             "overhead_bytes": used_bytes - baseline_bytes - keep_last * adapter_bytes,
             "ratio": used_bytes / bound, "within_bound": used_bytes <= bound,
             "excess_bytes_per_publish": max(0, used_bytes - bound) / publishes if publishes else 0.0,
-            "used_half_bytes": used_half_bytes, "half_publishes": half_publishes,
+            "used_half_bytes": used_half_bytes, "half_publishes": half_publishes, "stats_bytes": stats_bytes,
             "growth_bytes_per_publish": growth}
 
 
@@ -621,6 +623,7 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     keep_last = reg.keep_last
     adapter_bytes = len(make_adapter(args.adapter_bytes, seed=0, rank=4)[1])
     r = redis.Redis.from_url(redis_url)
+    r.config_resetstat()  # per-command statistics start empty: measured at the end as what they hold
     purge(r)
     baseline = r.info("memory")["used_memory"]
     before = servers.readings()
@@ -628,7 +631,7 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
     half = args.publishes // 2
     print(f"publish: {args.publishes} versions of {adapter_bytes} bytes to {PUB_NAME!r} (keep_last "
           f"{keep_last}), Redis read after {half} and after all ...", flush=True)
-    t0, tallies, used_half = time.monotonic(), [], None
+    t0, tallies, used_half, clients_half = time.monotonic(), [], None, 0
     for first, count in ((0, half), (half, args.publishes - half)):
         if count == 0:
             continue
@@ -638,17 +641,25 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
         tallies.append(join({"publish": spawn(spec, work)}, {"publish": spec}, work, 3600)["publish"])
         if first == 0 and half < args.publishes:
             purge(r)
-            used_half = r.info("memory")["used_memory"]
+            m = r.info("memory")
+            used_half, clients_half = m["used_memory"], m["mem_clients_normal"]
     tally = tallies[0] if len(tallies) == 1 else merge_tallies(*tallies)
     wall = time.monotonic() - t0
     rss = trace.stop()
     time.sleep(args.settle_s)
     after = servers.readings()
-    with BrokerClient(broker, tokens["client"]) as c:
-        records, latest = c.list_versions(PUB_NAME)
+    # Redis is read before any other command runs (a command name used for the first time adds
+    # its latency histogram); then what the per-command statistics hold, and only then the rest.
     mem = r.info("memory")
     purge(r)
-    used_after_purge = r.info("memory")["used_memory"]
+    m = r.info("memory")
+    used_after_purge, clients_end = m["used_memory"], m["mem_clients_normal"]
+    stats_commands = len(r.info("latencystats"))
+    r.config_resetstat()
+    purge(r)  # the commands the baseline reading also ran, so their histograms are on both sides
+    stats_bytes = max(0, used_after_purge - r.info("memory")["used_memory"])
+    with BrokerClient(broker, tokens["client"]) as c:
+        records, latest = c.list_versions(PUB_NAME)
     fams = redis_families(r)
     events_key = f"ll:a:{PUB_NAME}:events"
     ids_key = f"ll:a:{PUB_NAME}:pubids"
@@ -661,7 +672,9 @@ def publish_part(args: argparse.Namespace, work: Path, servers: Servers, broker:
             "adapter_bytes": adapter_bytes, "keep_last": keep_last, "latest_version": latest,
             "versions_kept": [x.version for x in records], "history": history,
             "redis": {**redis_bound(baseline, keep_last, adapter_bytes, used_after_purge, s["ok"], reg.events_maxlen,
-                                    reg.publish_ids_kept, used_half, min(half, s["ok"])),
+                                    reg.publish_ids_kept, used_half, min(half, s["ok"]), stats_bytes),
+                      "stats_commands": stats_commands, "clients_half_bytes": clients_half,
+                      "clients_end_bytes": clients_end,
                       "used_memory_before_purge": mem["used_memory"], "used_memory_rss": mem["used_memory_rss"],
                       "used_memory_peak": mem["used_memory_peak"], "families": fams},
             "servers": server_figures(before, after, rss, args)}
@@ -732,10 +745,16 @@ def report(result: dict) -> str:
                      f"{rb['overhead_allowance_bytes'] / 1e6:.3f} MB (measured overhead "
                      f"{rb['overhead_bytes'] / 1e6:.3f} MB): ratio {rb['ratio']:.2f} "
                      f"({'within the bound: ok' if rb['within_bound'] else 'OVER the bound: goal MISSED'})")
+        lines.append(f"  overhead allowance = {rb['keep_last']} versions x {PER_VERSION_ALLOWANCE} B + events_maxlen "
+                     f"{rb['events_maxlen']} x {PER_EVENT_ALLOWANCE} B + publish_ids_kept {rb['publish_ids_kept']} x "
+                     f"{PER_PUBLISH_ID_ALLOWANCE} B + Redis's per-command latency histograms "
+                     f"{rb.get('stats_bytes', 0) / 1e6:.3f} MB ({rb.get('stats_commands', '?')} command names; "
+                     "what CONFIG RESETSTAT frees)")
         if rb.get("growth_bytes_per_publish") is not None:
             lines.append(f"  after {rb['half_publishes']} publishes {rb['used_half_bytes'] / 1e6:.3f} MB, after "
                          f"{p['ok']} {rb['used_bytes'] / 1e6:.3f} MB: {rb['growth_bytes_per_publish']:.1f} bytes "
-                         "per publish over the second half")
+                         f"per publish over the second half (clients' buffers {rb.get('clients_half_bytes', 0) / 1e3:.0f} "
+                         f"-> {rb.get('clients_end_bytes', 0) / 1e3:.0f} KB of it)")
         lines.append("  Redis keys by family (MEMORY USAGE): " + "; ".join(
             f"{f} {v['keys']} keys {v['bytes'] / 1e6:.3f} MB"
             for f, v in sorted(rb["families"].items(), key=lambda kv: -kv[1]["bytes"])))

@@ -78,6 +78,8 @@ def test_redis_bound_is_baseline_plus_keep_last_adapters_plus_a_fixed_overhead()
                        publish_ids_kept=100)
     assert not over["within_bound"] and over["excess_bytes_per_publish"] == pytest.approx(300.0)
     assert over["growth_bytes_per_publish"] is None  # no reading at the half
+    stats = redis_bound(1_000_000, 10, 20_000, 1_500_000 + allowance, 1000, 100, 100, stats_bytes=300_000)
+    assert stats["within_bound"] and stats["overhead_allowance_bytes"] == allowance + 300_000
 
 
 def test_history_kept():
