@@ -118,6 +118,11 @@ class RolloutConfig(Section):
     more, each gets a share in proportion to its weight; one alone may use them all."""
     priority: PriorityConfig = PriorityConfig()
     """Training vs users in the engine's queue (engine.scheduling_policy = "priority")."""
+    generate_max_concurrent: int = Field(512, ge=1)
+    """gRPC Generate streams in flight at most; more are refused RESOURCE_EXHAUSTED at once
+    (retryable backpressure, as the HTTP front's 429 past `http.max_concurrent`). The training
+    worker's requests are not counted: they go to the engine directly, bounded by
+    `leases_in_flight`."""
     http: HttpConfig = HttpConfig()
     """The OpenAI-compatible HTTP front."""
     auth: AuthConfig = AuthConfig()

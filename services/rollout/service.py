@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from loraloop.v1 import rollout_pb2 as pb
 from loraloop.v1 import rollout_pb2_grpc as pb_grpc
+from services.common.errors import ResourceExhausted
 from services.rollout.adapters import AdapterManager
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import Engine
@@ -25,8 +26,23 @@ class RolloutServicer(pb_grpc.RolloutServicer):
                  metrics: RolloutMetrics | None = None) -> None:
         self.engine, self.manager, self.codec, self.cfg = engine, manager, codec, cfg
         self.metrics = metrics or RolloutMetrics()
+        self.in_flight = 0
+        self.metrics.in_flight.labels("grpc").set_function(lambda: self.in_flight)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        # The slot is taken at the check, before anything awaits, so a burst cannot pass it together.
+        if self.in_flight >= self.cfg.generate_max_concurrent:
+            self.metrics.rejected.labels("grpc", "busy").inc()
+            raise ResourceExhausted(f"{self.in_flight} Generate streams in flight (generate_max_concurrent); "
+                                    "retry later")
+        self.in_flight += 1
+        try:
+            async for r in self._generate(request):
+                yield r
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         sampling = sampling_from_pb(request.params)
         ids = list(request.token_ids.ids) if request.HasField("token_ids") else self.codec.encode(request.text)
         self.codec.check(ids, self.cfg.engine.max_model_len, sampling.max_tokens)

@@ -1,0 +1,112 @@
+"""gRPC Generate's in-flight bound (generate_max_concurrent): past it a stream is refused
+RESOURCE_EXHAUSTED at once, counted in loraloop_requests_rejected; a slot frees when a stream
+ends. Real gRPC over loopback; the engine and the adapter manager are fakes that hold each
+request until the test lets it go (the bound is the logic under test, not generation)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from loraloop.v1 import rollout_pb2 as pb
+from loraloop.v1 import rollout_pb2_grpc as pb_grpc
+from services.common.config import AuthConfig, ServerConfig, TLSConfig
+from services.common.grpc_server import Registration, serve
+from services.rollout.config import RolloutConfig
+from services.rollout.metrics import RolloutMetrics
+from services.rollout.service import ROLES_OF_METHOD, SERVICE, RolloutServicer
+
+pytestmark = pytest.mark.unit
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def generate(self, ids, sampling, handle, rid, priority=0):
+        self.started += 1
+        await self.release.wait()
+        yield SimpleNamespace(index=0, token_ids=[5], text="x", logprobs=[-0.1], finished=True,
+                              finish_reason="length")
+
+
+class _Manager:
+    @contextlib.asynccontextmanager
+    async def acquire(self, selector):
+        yield None  # the base model
+
+
+def test_streams_past_the_bound_are_refused_resource_exhausted_and_slots_come_back():
+    async def main():
+        engine, metrics = _Engine(), RolloutMetrics()
+        codec = SimpleNamespace(check=lambda *a: None, encode=lambda text: [1, 2])
+        servicer = RolloutServicer(engine, _Manager(), codec, RolloutConfig(generate_max_concurrent=2), metrics)
+        stop, port = asyncio.Event(), asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve(
+            [Registration(pb_grpc.add_RolloutServicer_to_server, servicer, SERVICE)],
+            ServerConfig(host="127.0.0.1", port=0, grace_s=0.5), AuthConfig(enabled=False), TLSConfig(),
+            ROLES_OF_METHOD, on_started=port.set_result, stop_event=stop))
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), params=pb.SamplingParams(max_tokens=1))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as ch:
+                stub = pb_grpc.RolloutStub(ch)
+                held = [stub.Generate(req) for _ in range(2)]
+                readers = [asyncio.create_task(c.read()) for c in held]
+                while engine.started < 2:
+                    await asyncio.sleep(0.01)
+                assert servicer.in_flight == 2
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(stub.Generate(req).read(), 5)  # not held: refused at once
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "2 Generate streams in flight (generate_max_concurrent)" in refused.value.details()
+                assert metrics.rejected.labels("grpc", "busy")._value.get() == 1
+                engine.release.set()
+                assert [(await r).finished for r in readers] == [True, True]
+                for c in held:
+                    assert await c.code() == grpc.StatusCode.OK
+                assert servicer.in_flight == 0
+                again = [r async for r in stub.Generate(req)]  # the slots came back
+                assert [r.token_ids for r in again] == [[5]] and servicer.in_flight == 0
+        finally:
+            stop.set()
+            await server
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_stream_gives_its_slot_back():
+    async def main():
+        engine = _Engine()
+        codec = SimpleNamespace(check=lambda *a: None, encode=lambda text: [1, 2])
+        servicer = RolloutServicer(engine, _Manager(), codec, RolloutConfig(generate_max_concurrent=1))
+        stop, port = asyncio.Event(), asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve(
+            [Registration(pb_grpc.add_RolloutServicer_to_server, servicer, SERVICE)],
+            ServerConfig(host="127.0.0.1", port=0, grace_s=0.5), AuthConfig(enabled=False), TLSConfig(),
+            ROLES_OF_METHOD, on_started=port.set_result, stop_event=stop))
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), params=pb.SamplingParams(max_tokens=1))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as ch:
+                stub = pb_grpc.RolloutStub(ch)
+                call = stub.Generate(req)
+                reader = asyncio.create_task(call.read())
+                while engine.started < 1:
+                    await asyncio.sleep(0.01)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await reader
+                for _ in range(200):
+                    if servicer.in_flight == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert servicer.in_flight == 0
+        finally:
+            stop.set()
+            await server
+
+    asyncio.run(main())
