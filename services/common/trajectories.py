@@ -6,12 +6,22 @@ and read these; protobuf appears only in their to_pb/from_pb."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
 from loraloop.v1 import learner_pb2 as pb
 from loraloop.v1 import rollout_pb2 as rpb
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite32(x: float) -> bool:
+    """Finite once the trainer makes it a float32: a reward of 1e39 passed math.isfinite, became
+    inf in the batch, and its group's advantages NaN. The learner refuses a group with such a
+    reward or log-prob; the rollout scores a reward past it as 0 with an error."""
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ thread and the training loop call it alike.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import uuid
@@ -49,6 +48,7 @@ from services.common.trajectories import (
     Refusal,
     RefusalReason,
     TrajectoryGroupRecord,
+    finite32,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -336,22 +336,14 @@ def invalid_group(g: TrajectoryGroupRecord, spec: GroupSpec, *, adapter_name: st
             return f"sample {i}: {len(s.logprobs)} logprobs for {len(s.response_token_ids)} tokens"
         if not all(0 <= t < vocab_size for t in s.response_token_ids):
             return f"sample {i}: response token id outside [0, {vocab_size})"
-        if not all(_finite32(x) for x in s.logprobs):
+        if not all(finite32(x) for x in s.logprobs):
             return f"sample {i}: logprob not finite (as float32)"
-        if not _finite32(s.reward):
+        if not finite32(s.reward):
             return f"sample {i}: reward {s.reward!r} not finite (as float32)"
         if not lo <= s.adapter_version <= hi:
             return f"sample {i}: adapter version {s.adapter_version} unknown (known: {lo}..{hi})"
     return None
 
-
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _finite32(x: float) -> bool:
-    """Finite once the trainer makes it a float32: a reward of 1e39 passed math.isfinite, became
-    inf in the batch, and its group's advantages NaN."""
-    return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
 
 
 _COUNTER_OF = {s: "accepted" if s is AckCode.OK else s.name.lower() for s in AckCode}

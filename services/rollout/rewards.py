@@ -26,6 +26,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
+FLOAT32_MAX = 3.4028234663852886e38  # the learner trains in float32 (services.common.trajectories)
+
 RewardFn = Callable[..., Any]
 """`(data_source, solution_str, ground_truth, extra_info=None) -> float | dict` (verl's)."""
 
@@ -73,6 +75,8 @@ def _interpret(out: Any) -> RewardResult:
     value = float(out)
     if not math.isfinite(value):
         return RewardResult(0.0, details, error=f"reward score is not finite: {value!r}")
+    if abs(value) > FLOAT32_MAX:  # the learner refuses the group (trajectories.finite32): leased again forever
+        return RewardResult(0.0, details, error=f"reward score {value!r} is outside float32's range")
     return RewardResult(value, details)
 
 

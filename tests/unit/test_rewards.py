@@ -197,6 +197,20 @@ def test_score_rejects_non_finite(value):
     assert r.score == 0.0 and r.error is not None and "finite" in r.error
 
 
+@pytest.mark.parametrize("value", [1e39, -1e39, 10**40, {"score": 3.5e38}])
+def test_score_past_float32_is_an_error_not_a_reward_the_learner_refuses(value):
+    """The learner trains in float32 and refuses a group with a reward past its range
+    (trajectories.finite32); scored as it came, every lease of that prompt would be refused and
+    leased again, forever."""
+    from services.common.trajectories import finite32
+
+    r = score(_returning(value), "d", "s", "g")
+    assert r.score == 0.0 and r.error is not None and "outside float32's range" in r.error
+    assert not finite32(float(value["score"] if isinstance(value, dict) else value))
+    edge = score(_returning(3.4e38), "d", "s", "g")  # just inside: kept as it is
+    assert edge.score == 3.4e38 and edge.error is None and finite32(edge.score)
+
+
 def test_score_dict_without_score_is_an_error_with_details_kept():
     r = score(_returning({"acc": 1.0}), "d", "s", "g")
     assert r.score == 0.0 and r.error is not None and "'score'" in r.error
