@@ -98,6 +98,9 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
         if not request.adapters:
             raise InvalidArgument("watch at least one adapter name")
         after = {w.name: w.after_version for w in request.adapters}
+        if len(after) != len(request.adapters):
+            twice = sorted({w.name for w in request.adapters if sum(x.name == w.name for x in request.adapters) > 1})
+            raise InvalidArgument(f"adapter named more than once in one watch: {', '.join(map(repr, twice))}")
         async for kind, record, live in self.registry.watch(after, include_staged=request.include_staged):
             yield pb.AdapterEvent(kind=pb.AdapterEvent.STAGED if kind == "staged" else pb.AdapterEvent.PUBLISHED,
                                   record=record.to_pb(), live=live)

@@ -146,7 +146,8 @@ def _parses_to_a_wait(method: str, payload: bytes) -> bool:
         req = pb.WatchRequest.FromString(payload)
     except Exception:
         return False
-    return bool(req.adapters) and all(NAME_RE.fullmatch(w.name) and ".." not in w.name for w in req.adapters)
+    names = [w.name for w in req.adapters]
+    return bool(names) and len(set(names)) == len(names) and all(NAME_RE.fullmatch(n) and ".." not in n for n in names)
 
 
 @bounded(160)
@@ -345,13 +346,15 @@ def test_reads_and_pins_of_any_reference(broker, unchanged, method, name, versio
 @given(watch=st.lists(st.tuples(st.one_of(st.just(NAME), NAMES), VERSIONS), max_size=4),
        include_staged=st.booleans())
 def test_watch_of_any_names(broker, unchanged, watch, include_staged):
-    """Bad names: INVALID_ARGUMENT. Valid ones: the history after `after_version` replays (read
-    one event, then the client cancels: a stream cut off mid-way), or the watch waits."""
+    """Bad names, or a name given twice: INVALID_ARGUMENT. Valid ones: the history after
+    `after_version` replays (read one event, then the client cancels: a stream cut off mid-way),
+    or the watch waits."""
     CASES("broker Watch")
     req = pb.WatchRequest(adapters=[pb.WatchFrom(name=n, after_version=v) for n, v in watch],
                           include_staged=include_staged)
-    names_ok = bool(watch) and all(NAME_RE.fullmatch(n) and ".." not in n for n, _ in watch)
-    replays = names_ok and dict(watch).get(NAME, 3) < 3  # a name given twice: the last one counts
+    names_ok = (bool(watch) and len({n for n, _ in watch}) == len(watch)
+                and all(NAME_RE.fullmatch(n) and ".." not in n for n, _ in watch))
+    replays = names_ok and dict(watch).get(NAME, 3) < 3
     out = call_raw(broker.channel, SVC + "Watch", "us", req.SerializeToString(), md("rollout"),
                    timeout=0.5 if names_ok and not replays else 10.0, first_only=True)
     if not names_ok:

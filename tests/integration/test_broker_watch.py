@@ -155,3 +155,21 @@ def test_a_watcher_behind_the_trimmed_stream_gets_every_live_version(broker_fact
     finally:
         w.close()
         late.close()
+
+
+def test_a_name_given_twice_in_one_watch_is_refused(broker):
+    """Which after_version would count is ambiguous: the watch is refused, naming the name."""
+    import grpc
+
+    from loraloop.v1 import adapters_pb2 as pb
+    from loraloop.v1 import adapters_pb2_grpc as pb_grpc
+
+    req = pb.WatchRequest(adapters=[pb.WatchFrom(name="dup", after_version=0), pb.WatchFrom(name="other"),
+                                    pb.WatchFrom(name="dup", after_version=5)])
+    with grpc.insecure_channel(broker.target) as ch:
+        md = (("authorization", f"Bearer {TOKENS['rollout']}"),)
+        stream = pb_grpc.AdapterRegistryStub(ch).Watch(req, metadata=md, timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            next(stream)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "adapter named more than once in one watch: 'dup'" in e.value.details()
