@@ -99,6 +99,8 @@ chaos options:
                   service is waited for, up to {BACK_AFTER_TRAINING_S} s past the end of training)
 
 defaults it sets before CONFIG's and yours: {' '.join(CHAOS_DEFAULTS)}
+A stack with [tls] (or --tls.cert_file/key_file/ca_file, --tls.mutual) runs the same way: the
+clients and probes verify the servers with its CA (and present its certificate when mutual).
 `loraloop up --help` lists every other setting."""
 
 
@@ -148,8 +150,9 @@ class Clients:
     in flight) is skipped for a second and the request goes to the next: counted as
     `unreachable`, not as a failure."""
 
-    def __init__(self, urls: list[str], api_key: str, adapter: str, n: int, seed: int) -> None:
+    def __init__(self, urls: list[str], api_key: str, adapter: str, n: int, seed: int, ssl_context=None) -> None:
         self.urls, self.key, self.adapter, self.n, self.seed = urls, api_key, adapter, n, seed
+        self.ssl_context = ssl_context  # https replicas: an ssl.SSLContext that verifies them
         self.requests: list[Request] = []
         self.stop = threading.Event()
         self.down_until = [0.0] * len(urls)
@@ -170,7 +173,12 @@ class Clients:
         import openai
 
         rng = random.Random(f"{self.seed}:{k}")
-        clients = [openai.OpenAI(base_url=u, api_key=self.key, max_retries=0, timeout=120) for u in self.urls]
+        http = {}
+        if self.ssl_context is not None:
+            import httpx
+
+            http = {"http_client": httpx.Client(verify=self.ssl_context, timeout=120)}
+        clients = [openai.OpenAI(base_url=u, api_key=self.key, max_retries=0, timeout=120, **http) for u in self.urls]
         seen: list[str] = []
         turn = k
         while not self.stop.is_set():
@@ -204,6 +212,19 @@ class Clients:
             with self._lock:
                 self.requests.append(req)
             time.sleep(0.2 if req.outcome not in ("ok", "unreachable") else 0.05)
+
+
+def stack_ssl(cfg):
+    """An SSL context for the stack's HTTPS servers under [tls]: their certificates verified with
+    its CA, and its certificate presented as the client's when `mutual` (None: plain HTTP)."""
+    if not cfg.tls.enabled:
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
+    if cfg.tls.mutual:
+        ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    return ctx
 
 
 # ---------------------------------------------------------------------------- the monkey
@@ -271,8 +292,10 @@ class Monkey:
             import urllib.request
 
             port = self.st.http_ports[int(k.service.split("-")[1])]
+            ctx = stack_ssl(self.st.cfg)
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{'https' if ctx else 'http'}://127.0.0.1:{port}/health", timeout=2,
+                                            context=ctx) as r:
                     return r.status == 200
             except OSError:
                 return False
@@ -482,8 +505,8 @@ def main(argv: list[str]) -> int:
         return 0
     if cfg.runs:
         raise SystemExit("loraloop chaos: one run at a time (no [[runs]])")
-    if cfg.tls.enabled:  # its probes and clients speak plain HTTP/gRPC; `up` itself runs with TLS
-        raise SystemExit("loraloop chaos: runs without TLS (drop [tls]); `loraloop up` runs a TLS stack")
+    if cfg.rollout.tls.enabled and not cfg.tls.enabled:  # its probes and clients trust the stack's CA only
+        raise SystemExit("loraloop chaos: TLS through the stack's [tls] only (not rollout.tls)")
     if cfg.rollout_replicas < 1 and "rollout" in opts.order:
         raise SystemExit("loraloop chaos: killing a replica needs rollout_replicas >= 1")
     run_dir = Path(cfg.run_dir).resolve()
@@ -504,7 +527,8 @@ def main(argv: list[str]) -> int:
         state["monkey"] = m = Monkey(st, opts, steps)
         m.thread.start()
         if opts.clients and st.http_ports:
-            state["clients"] = c = Clients(st.openai_urls(), st.tokens["client"], adapter, opts.clients, opts.seed)
+            state["clients"] = c = Clients(st.openai_urls(), st.tokens["client"], adapter, opts.clients, opts.seed,
+                                           ssl_context=stack_ssl(st.cfg))
             c.start()
         print(f"chaos: seed {opts.seed}; killing {', '.join(k.kind for k in m.kills)} in turn, the first after "
               f"step {m.kills[0].after_step}, each next a few steps after the one before is back; "
@@ -527,7 +551,7 @@ def main(argv: list[str]) -> int:
                    + ", ".join(k.service for k in m.kills))
         rows = read_metrics(run_dir)
         check_steps_and_reward(rows, steps, report)
-        with BrokerClient(st.broker, st.tokens["client"]) as client:
+        with BrokerClient(st.broker, st.tokens["client"], tls=st.cfg.tls.client() if st.cfg.tls.enabled else None) as client:
             records, _ = client.list_versions(adapter)
         check_versions(records, rows, report)
         check_groups(run_dir, rows, report)

@@ -52,6 +52,8 @@ class Supervisor:
     restarts: dict[str, int] = field(default_factory=dict)
     due: dict[str, float] = field(default_factory=dict)  # name -> monotonic time of its restart
     started: dict[str, float] = field(default_factory=dict)
+    started_wall: dict[str, float] = field(default_factory=dict)  # time.time() of each service's first start
+    shm_swept: dict[str, list[str]] = field(default_factory=dict)  # what the last restart's sweep removed
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
               cpus: set[int] | None = None) -> subprocess.Popen:
@@ -72,6 +74,7 @@ class Supervisor:
                                     start_new_session=True)  # Ctrl-C reaches us, not the children
         self.procs[name], self.specs[name] = proc, spec
         self.started[name] = time.monotonic()
+        self.started_wall.setdefault(name, time.time())
         pids = {n: p.pid for n, p in self.procs.items()}
         (self.log_dir / "pids.json").write_text(json.dumps(pids))  # for people and tests
         return proc
@@ -80,6 +83,9 @@ class Supervisor:
         self.reap_group(name)  # a killed rollout leaves vLLM's engine processes behind
         if self.scratch is not None:
             shutil.rmtree(self.scratch / name, ignore_errors=True)
+        from services.common.scratch import sweep_engine_shm
+
+        self.shm_swept[name] = sweep_engine_shm(self.started_wall[name])  # ... and, at times, their shared memory
         args, env, cpus = self.specs[name]
         return self.start(name, args, env, cpus)
 
@@ -130,8 +136,11 @@ class Supervisor:
                 del self.due[name]
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 proc = self.restart(name)
-                self._record(name, "restarted", None, self.restarts[name], 0.0, pid=proc.pid)
-                say(f"{name} restarted (pid {proc.pid})")
+                swept = self.shm_swept.get(name, [])
+                self._record(name, "restarted", None, self.restarts[name], 0.0, pid=proc.pid,
+                             **({"shm_removed": swept} if swept else {}))
+                say(f"{name} restarted (pid {proc.pid})" + (f"; removed {len(swept)} shared-memory file(s) its "
+                                                            f"engine left in /dev/shm" if swept else ""))
                 restarted.append(name)
         return restarted
 
@@ -171,6 +180,8 @@ class Supervisor:
         from services.rollout.adapters import CACHE_PREFIX
 
         scratch.sweep(scratch.ram_or_temp(), CACHE_PREFIX)
+        if self.started_wall:  # and vLLM's shared memory, where a killed engine's tracker could not unlink it
+            scratch.sweep_engine_shm(min(self.started_wall.values()))
 
 
 def wait_healthy(target: str, sup: Supervisor, names: list[str], timeout_s: float, tls=None) -> None:

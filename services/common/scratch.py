@@ -13,6 +13,7 @@ owner's directory until that pid is free again: conservative, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -89,3 +90,60 @@ def ram_or_temp() -> Path:
     """/dev/shm where it is writable (RAM, so no disk write on the hot path), else the temp dir."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+# vLLM's engine makes POSIX shared memory (multiprocessing.shared_memory, "psm_*": its ~240 MiB
+# broadcast ring) and semaphores ("sem.mp-*") in /dev/shm. Python's resource tracker unlinks them
+# when the engine ends, unless the tracker itself is SIGKILLed with the replica's process group:
+# then each killed replica leaves ~240 MiB of RAM behind (seen after `loraloop chaos`).
+ENGINE_SHM = re.compile(r"psm_[0-9a-f]+|sem\.mp-[A-Za-z0-9_]+")
+
+
+def shm_in_use(root: Path) -> set[str]:
+    """Names under `root` that some process maps or holds open (every process we can read)."""
+    used, prefix = set(), str(root).rstrip("/") + "/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(prefix)
+                    if i >= 0:
+                        used.add(line[i + len(prefix):].split()[0])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(prefix):
+                    used.add(target[len(prefix):].split()[0])
+        except OSError:
+            continue
+    return used
+
+
+def sweep_engine_shm(since: float, root: Path = Path("/dev/shm")) -> list[str]:
+    """Remove vLLM's shared-memory segments and semaphores of this user made since `since` (wall
+    clock) that no process maps or holds open any more: what a dead replica's engine left."""
+    uid, candidates = os.getuid(), []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for e in entries:
+        if not ENGINE_SHM.fullmatch(e.name):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_uid == uid and st.st_ctime >= since - 1.0:
+            candidates.append(e.name)
+    if not candidates:
+        return []
+    used, removed = shm_in_use(root), []
+    for name in candidates:
+        if name not in used:
+            with contextlib.suppress(OSError):
+                (root / name).unlink()
+                removed.append(name)
+    if removed:
+        log.info("removed %d shared-memory file(s) a dead engine left in %s: %s", len(removed), root,
+                 ", ".join(removed[:4]) + (" ..." if len(removed) > 4 else ""))
+    return removed

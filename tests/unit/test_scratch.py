@@ -53,3 +53,28 @@ def test_pid_alive():
 
 def test_sweep_of_a_missing_base_is_empty(tmp_path):
     assert scratch.sweep(tmp_path / "nope", PREFIX) == []
+
+
+def test_engine_shm_sweep_removes_only_unused_engine_files_made_since(tmp_path):
+    """vLLM's psm_*/sem.mp-* files a dead engine left (nobody maps or holds them) go; one this
+    process maps, one held open, one made before `since`, and other names stay."""
+    import mmap
+    import time
+
+    from services.common.scratch import sweep_engine_shm
+
+    old = tmp_path / "psm_0123ab"
+    old.write_bytes(b"x" * 4096)
+    since = old.stat().st_ctime + 1.5  # the sweep allows 1 s of clock slack before `since`
+    time.sleep(0.6)
+    for name in ("psm_dead01", "sem.mp-dead_1", "psm_mapped", "sem.mp-open", "loraloop-models", "psm_notes.txt"):
+        (tmp_path / name).write_bytes(b"x" * 4096)
+    with open(tmp_path / "psm_mapped", "r+b") as f, open(tmp_path / "sem.mp-open", "rb"):
+        m = mmap.mmap(f.fileno(), 4096)
+        try:
+            removed = sweep_engine_shm(since, root=tmp_path)
+        finally:
+            m.close()
+    assert sorted(removed) == ["psm_dead01", "sem.mp-dead_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loraloop-models", "psm_0123ab", "psm_mapped",
+                                                          "psm_notes.txt", "sem.mp-open"]

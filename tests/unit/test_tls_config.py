@@ -81,3 +81,29 @@ def test_client_tls_channel_speaks_tls_only_with_a_ca(tmp_path: Path):
     tls = ClientTLSConfig(ca_file=str(ca), server_name="loraloop")
     assert isinstance(tls.credentials(), grpc.ChannelCredentials)
     assert ("grpc.ssl_target_name_override", "loraloop") in tls.channel_options()
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_chaos_clients_verify_the_stacks_servers_and_present_its_certificate_when_mutual(tmp_path: Path, mutual):
+    """`loraloop chaos` under [tls] (its OpenAI clients and replica probes): the stack's CA, and
+    with mutual TLS the stack's certificate as the client's."""
+    import ssl
+    import subprocess
+
+    from services.chaos import stack_ssl
+
+    assert stack_ssl(StackConfig()) is None
+    d = tmp_path / "certs"
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "deploy/compose/make-certs.sh"), str(d)],
+                   check=True, capture_output=True)
+    cfg = StackConfig.model_validate({"tls": {"cert_file": str(d / "server.pem"), "key_file": str(d / "server.key"),
+                                              "ca_file": str(d / "ca.pem"), "mutual": mutual}})
+    ctx = stack_ssl(cfg)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "loraloop CA"),),)]
+    bad = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"key_file": str(d / "ca.key")})})
+    if mutual:  # the certificate is loaded: a key that is not its own is refused
+        with pytest.raises(ssl.SSLError):
+            stack_ssl(bad)
+    else:  # nothing of the stack's own is presented
+        assert stack_ssl(bad).get_ca_certs() == ctx.get_ca_certs()

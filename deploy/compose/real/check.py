@@ -18,6 +18,10 @@ through compose.hostnet.yaml), this drives `docker compose` as a user would and 
   back on a new port, port 0: requests to its old one are refused, counted as unreachable);
 - `docker compose down -v --rmi all` leaves no container, volume, network or image it made.
 
+With `--tls-dir` (a directory made by deploy/compose/make-certs.sh), compose.tls.yaml is added:
+every gRPC server and the OpenAI API speak TLS, the checks' clients verify them with its CA, and
+one more check: a plain-text client is refused by the broker, the learner and a replica.
+
 Exit code 0 only when every check passed.
 """
 
@@ -108,9 +112,42 @@ def openai_url(container: str) -> str | None:
     out = subprocess.run(["docker", "logs", container], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, timeout=60).stdout
     for line in out.splitlines()[::-1]:
-        if line.startswith("OpenAI API on http://"):
+        if line.startswith(("OpenAI API on http://", "OpenAI API on https://")):
             return line.split()[3]
     return None
+
+
+def tls_only(broker: str, learner: str, openai: str, ca: Path) -> tuple[bool, str]:
+    """Each server answers a client that verifies it with `ca`, and not a plain-text one."""
+    import ssl
+    import urllib.request
+
+    import grpc
+    from grpc_health.v1 import health_pb2 as h
+    from grpc_health.v1 import health_pb2_grpc as g
+
+    creds = grpc.ssl_channel_credentials(ca.read_bytes())
+    seen = []
+    for name, target in (("broker", broker), ("learner", learner)):
+        with grpc.secure_channel(target, creds) as ch:
+            tls_ok = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=10).status == h.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(target) as ch:
+            try:
+                g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=5)
+                plain = "answered"
+            except grpc.RpcError as e:
+                plain = e.code().name
+        seen.append((name, tls_ok, plain != "answered", f"{name}: TLS {'SERVING' if tls_ok else 'no'}, plain {plain}"))
+    health = openai.removesuffix("/v1") + "/health"
+    with urllib.request.urlopen(health, timeout=10, context=ssl.create_default_context(cafile=str(ca))) as r:
+        https_ok = r.status == 200
+    try:
+        urllib.request.urlopen(health.replace("https://", "http://", 1), timeout=10).close()
+        plain = "answered"
+    except OSError as e:
+        plain = type(e).__name__
+    seen.append(("rollout", https_ok, plain != "answered", f"replica: HTTPS {'200' if https_ok else 'no'}, plain HTTP {plain}"))
+    return all(t and p for _, t, p, _ in seen), "; ".join(d for *_, d in seen)
 
 
 def inventory() -> dict[str, set[str]]:
@@ -178,11 +215,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rmi", default="all", choices=["all", "none"],
                     help="none: keep the built images at the end (to run again without rebuilding; the last check then fails)")
     ap.add_argument("--broker", required=True, help="host:port of the broker on the host's loopback")
+    ap.add_argument("--learner", default="", help="host:port of the learner on the host's loopback (the TLS check)")
+    ap.add_argument("--tls-dir", type=Path, help="certificates from make-certs.sh: run with compose.tls.yaml")
     a = ap.parse_args(argv)
+    ca = a.tls_dir / "ca.pem" if a.tls_dir else None
     # The client token from the env file (not the command line, which other users can read).
     secrets = dict(x.split("=", 1) for x in Path(a.env_file).read_text().splitlines() if "=" in x)
     client_token = secrets["LORALOOP_CLIENT_TOKEN"]
-    stack = Stack(a.compose_dir, ["compose.yaml", "real/compose.hostnet.yaml"], a.env_file)
+    stack = Stack(a.compose_dir, ["compose.yaml", *(["compose.tls.yaml"] if ca else []), "real/compose.hostnet.yaml"],
+                  a.env_file)
     report = Report()
     before = inventory()
     say(f"before: {len(before['containers'])} containers, {len(before['volumes'])} volumes, "
@@ -211,8 +252,16 @@ def main(argv: list[str]) -> int:
             return all(urls.values())
 
         run.wait("both replicas serving the OpenAI API", serving, BACK_TIMEOUT_S, poll=2)
+        if ca:
+            ok, detail = tls_only(a.broker, a.learner, urls[replicas[0]], ca)
+            report.add("TLS only: every server verified with the CA, plain text refused", ok, detail)
         say(f"OpenAI API: {urls}; {a.clients} client(s) querying policy@latest (and versions seen, pinned)")
-        clients = Clients([urls[r] for r in replicas], client_token, "policy", a.clients, seed=0)
+        ctx = None
+        if ca:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(ca))
+        clients = Clients([urls[r] for r in replicas], client_token, "policy", a.clients, seed=0, ssl_context=ctx)
         clients.start()
         kills = [Kill(s) for s in ORDER]
         next_step = FIRST_KILL_STEP
@@ -246,7 +295,7 @@ def main(argv: list[str]) -> int:
         after_kills = [r for r in lineage(rows).values() if r["step"] > max(k.step_at_kill for k in kills)]
         report.add("the run went on after the last kill", bool(after_kills),
                    f"{len(after_kills)} steps trained after the last SIGKILL")
-        with BrokerClient(a.broker, client_token) as client:
+        with BrokerClient(a.broker, client_token, tls_ca_file=str(ca) if ca else None) as client:
             records, _ = client.list_versions("policy")
         check_versions(records, rows, report)
         check_groups(run.run_dir, rows, report)
@@ -255,7 +304,8 @@ def main(argv: list[str]) -> int:
                                                     back_after_s=k.back_after_s or 0.0)
                                           for k in kills if k.service == "rollout" and k.container in replicas],
                        records, "policy", report)
-        env = {**os.environ, "LORALOOP_BROKER": a.broker, "LORALOOP_TOKEN": client_token}
+        env = {**os.environ, "LORALOOP_BROKER": a.broker, "LORALOOP_TOKEN": client_token,
+               **({"LORALOOP_TLS_CA": str(ca)} if ca else {})}
         listed = subprocess.run([sys.executable, "-m", "services.cli", "adapters", "list", "policy"],
                                 capture_output=True, text=True, env=env, timeout=60)
         lines = [x for x in listed.stdout.splitlines() if x.strip()]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compose stack run for real (issue 19), on a Debian 12 machine as root, no registry needed:
-#   bash deploy/compose/real/run.sh [--steps N]
+#   bash deploy/compose/real/run.sh [--steps N] [--tls]
 # 1. installs what it needs: apt's docker.io and debootstrap, and Compose v2 as a CLI plugin
 #    (Debian 13's docker-compose package, fetched with apt-get download through a private trixie
 #    source list; Debian 12's is v1, which refuses `name:`);
@@ -14,15 +14,20 @@
 #    --build --scale rollout=2 through compose.hostnet.yaml, a SIGKILL per service, the checks,
 #    compose down;
 # 6. stops the daemon and the file server by their pids and removes the scratch dir.
+# --tls: the same run with compose.tls.yaml: certificates from make-certs.sh (the key chowned to
+#    the images' uid 1000), every gRPC server and the OpenAI API on TLS, the checks' clients
+#    verifying them with the CA, and a check that plain text is refused.
 # Exit code: check.py's (0 only when every check passed).
 set -euo pipefail
 
 STEPS=300
+TLS=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --tls) TLS=1; shift ;;
     --steps) STEPS="$2"; shift 2 ;;
     --steps=*) STEPS="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -191,11 +196,19 @@ LORALOOP_LEARNER_STEPS=$STEPS
 LORALOOP_ROLLOUT_CPU_BIND=${LORALOOP_ROLLOUT_CPU_BIND:-0}
 EOF
 )
+TLS_ARGS=()
+if [ "$TLS" = 1 ]; then
+  bash "$SRC/deploy/compose/make-certs.sh" "$SCRATCH/certs" >/dev/null
+  chown 1000:1000 "$SCRATCH/certs/server.key"  # the images run as uid 1000; the key stays 0600
+  echo "LORALOOP_TLS_DIR=$SCRATCH/certs" >> "$ENV_FILE"
+  TLS_ARGS=(--tls-dir "$SCRATCH/certs")
+  say "TLS: compose.tls.yaml with certificates in $SCRATCH/certs (CA $SCRATCH/certs/ca.pem)"
+fi
 say "env file $ENV_FILE ($(stat -c %a "$ENV_FILE")): redis 127.0.0.1:$REDIS_PORT, broker 127.0.0.1:$BROKER_PORT, learner 127.0.0.1:$LEARNER_PORT, $STEPS steps"
 rc=0
 PYTHONPATH="$SRC" "$PY" "$SRC/deploy/compose/real/check.py" --compose-dir "$SRC/deploy/compose" \
-  --env-file "$ENV_FILE" --steps "$STEPS" --broker "127.0.0.1:$BROKER_PORT" \
-  --keep-images "$PY_BASE,$REDIS_BASE" || rc=$?
+  --env-file "$ENV_FILE" --steps "$STEPS" --broker "127.0.0.1:$BROKER_PORT" --learner "127.0.0.1:$LEARNER_PORT" \
+  --keep-images "$PY_BASE,$REDIS_BASE" ${TLS_ARGS[@]+"${TLS_ARGS[@]}"} || rc=$?
 docker rmi "$PY_BASE" "$REDIS_BASE" >/dev/null 2>&1 || true  # down --rmi all took the Redis one (a service uses it)
 say "images left on the daemon: $(docker images -a -q | wc -l); containers: $(docker ps -a -q | wc -l); volumes: $(docker volume ls -q | wc -l)"
 exit $rc
