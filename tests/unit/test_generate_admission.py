@@ -41,40 +41,46 @@ class _Manager:
         yield None  # the base model
 
 
+@contextlib.asynccontextmanager
+async def _serving(engine: _Engine, limit: int, metrics: RolloutMetrics | None = None):
+    """A real gRPC server on loopback with the servicer; yields (servicer, stub)."""
+    codec = SimpleNamespace(check=lambda *a: None, encode=lambda text: [1, 2])
+    servicer = RolloutServicer(engine, _Manager(), codec, RolloutConfig(generate_max_concurrent=limit), metrics)
+    stop, port = asyncio.Event(), asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve(
+        [Registration(pb_grpc.add_RolloutServicer_to_server, servicer, SERVICE)],
+        ServerConfig(host="127.0.0.1", port=0, grace_s=0.5), AuthConfig(enabled=False), TLSConfig(),
+        ROLES_OF_METHOD, on_started=port.set_result, stop_event=stop))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as ch:
+            yield servicer, pb_grpc.RolloutStub(ch)
+    finally:
+        stop.set()
+        await server
+
+
 def test_streams_past_the_bound_are_refused_resource_exhausted_and_slots_come_back():
     async def main():
         engine, metrics = _Engine(), RolloutMetrics()
-        codec = SimpleNamespace(check=lambda *a: None, encode=lambda text: [1, 2])
-        servicer = RolloutServicer(engine, _Manager(), codec, RolloutConfig(generate_max_concurrent=2), metrics)
-        stop, port = asyncio.Event(), asyncio.get_running_loop().create_future()
-        server = asyncio.create_task(serve(
-            [Registration(pb_grpc.add_RolloutServicer_to_server, servicer, SERVICE)],
-            ServerConfig(host="127.0.0.1", port=0, grace_s=0.5), AuthConfig(enabled=False), TLSConfig(),
-            ROLES_OF_METHOD, on_started=port.set_result, stop_event=stop))
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), params=pb.SamplingParams(max_tokens=1))
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as ch:
-                stub = pb_grpc.RolloutStub(ch)
-                held = [stub.Generate(req) for _ in range(2)]
-                readers = [asyncio.create_task(c.read()) for c in held]
-                while engine.started < 2:
-                    await asyncio.sleep(0.01)
-                assert servicer.in_flight == 2
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await asyncio.wait_for(stub.Generate(req).read(), 5)  # not held: refused at once
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "2 Generate streams in flight (generate_max_concurrent)" in refused.value.details()
-                assert metrics.rejected.labels("grpc", "busy")._value.get() == 1
-                engine.release.set()
-                assert [(await r).finished for r in readers] == [True, True]
-                for c in held:
-                    assert await c.code() == grpc.StatusCode.OK
-                assert servicer.in_flight == 0
-                again = [r async for r in stub.Generate(req)]  # the slots came back
-                assert [r.token_ids for r in again] == [[5]] and servicer.in_flight == 0
-        finally:
-            stop.set()
-            await server
+        async with _serving(engine, 2, metrics) as (servicer, stub):
+            held = [stub.Generate(req) for _ in range(2)]
+            readers = [asyncio.create_task(c.read()) for c in held]
+            while engine.started < 2:
+                await asyncio.sleep(0.01)
+            assert servicer.in_flight == 2
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(stub.Generate(req).read(), 5)  # not held: refused at once
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 Generate streams in flight (generate_max_concurrent)" in refused.value.details()
+            assert metrics.rejected.labels("grpc", "busy")._value.get() == 1
+            engine.release.set()
+            assert [(await r).finished for r in readers] == [True, True]
+            for c in held:
+                assert await c.code() == grpc.StatusCode.OK
+            assert servicer.in_flight == 0
+            again = [r async for r in stub.Generate(req)]  # the slots came back
+            assert [r.token_ids for r in again] == [[5]] and servicer.in_flight == 0
 
     asyncio.run(main())
 
@@ -82,31 +88,19 @@ def test_streams_past_the_bound_are_refused_resource_exhausted_and_slots_come_ba
 def test_a_cancelled_stream_gives_its_slot_back():
     async def main():
         engine = _Engine()
-        codec = SimpleNamespace(check=lambda *a: None, encode=lambda text: [1, 2])
-        servicer = RolloutServicer(engine, _Manager(), codec, RolloutConfig(generate_max_concurrent=1))
-        stop, port = asyncio.Event(), asyncio.get_running_loop().create_future()
-        server = asyncio.create_task(serve(
-            [Registration(pb_grpc.add_RolloutServicer_to_server, servicer, SERVICE)],
-            ServerConfig(host="127.0.0.1", port=0, grace_s=0.5), AuthConfig(enabled=False), TLSConfig(),
-            ROLES_OF_METHOD, on_started=port.set_result, stop_event=stop))
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]), params=pb.SamplingParams(max_tokens=1))
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as ch:
-                stub = pb_grpc.RolloutStub(ch)
-                call = stub.Generate(req)
-                reader = asyncio.create_task(call.read())
-                while engine.started < 1:
-                    await asyncio.sleep(0.01)
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await reader
-                for _ in range(200):
-                    if servicer.in_flight == 0:
-                        break
-                    await asyncio.sleep(0.01)
-                assert servicer.in_flight == 0
-        finally:
-            stop.set()
-            await server
+        async with _serving(engine, 1) as (servicer, stub):
+            call = stub.Generate(req)
+            reader = asyncio.create_task(call.read())
+            while engine.started < 1:
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            for _ in range(200):
+                if servicer.in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert servicer.in_flight == 0
 
     asyncio.run(main())
