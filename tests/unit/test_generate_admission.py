@@ -41,6 +41,13 @@ class _Manager:
         yield None  # the base model
 
 
+async def _until(cond, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def _serving(engine: _Engine, limit: int, metrics: RolloutMetrics | None = None):
     """A real gRPC server on loopback with the servicer; yields (servicer, stub)."""
@@ -66,8 +73,7 @@ def test_streams_past_the_bound_are_refused_resource_exhausted_and_slots_come_ba
         async with _serving(engine, 2, metrics) as (servicer, stub):
             held = [stub.Generate(req) for _ in range(2)]
             readers = [asyncio.create_task(c.read()) for c in held]
-            while engine.started < 2:
-                await asyncio.sleep(0.01)
+            await _until(lambda: engine.started >= 2)
             assert servicer.in_flight == 2
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await asyncio.wait_for(stub.Generate(req).read(), 5)  # not held: refused at once
@@ -92,15 +98,10 @@ def test_a_cancelled_stream_gives_its_slot_back():
         async with _serving(engine, 1) as (servicer, stub):
             call = stub.Generate(req)
             reader = asyncio.create_task(call.read())
-            while engine.started < 1:
-                await asyncio.sleep(0.01)
+            await _until(lambda: engine.started >= 1)
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await reader
-            for _ in range(200):
-                if servicer.in_flight == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert servicer.in_flight == 0
+            await _until(lambda: servicer.in_flight == 0)  # the stream's end ran its `finally`
 
     asyncio.run(main())
