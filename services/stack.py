@@ -53,7 +53,6 @@ class Supervisor:
     due: dict[str, float] = field(default_factory=dict)  # name -> monotonic time of its restart
     started: dict[str, float] = field(default_factory=dict)
     started_wall: dict[str, float] = field(default_factory=dict)  # time.time() of each service's first start
-    shm_swept: dict[str, list[str]] = field(default_factory=dict)  # what the last restart's sweep removed
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
               cpus: set[int] | None = None) -> subprocess.Popen:
@@ -79,15 +78,17 @@ class Supervisor:
         (self.log_dir / "pids.json").write_text(json.dumps(pids))  # for people and tests
         return proc
 
-    def restart(self, name: str) -> subprocess.Popen:
+    def restart(self, name: str) -> tuple[subprocess.Popen, list[str]]:
+        """Start `name` again after ending what is left of it; (its process, the shared-memory
+        files its engine left that the sweep removed)."""
         self.reap_group(name)  # a killed rollout leaves vLLM's engine processes behind
         if self.scratch is not None:
             shutil.rmtree(self.scratch / name, ignore_errors=True)
         from services.common.scratch import sweep_engine_shm
 
-        self.shm_swept[name] = sweep_engine_shm(self.started_wall[name])  # ... and, at times, their shared memory
+        swept = sweep_engine_shm(self.started_wall[name])  # ... and, at times, their shared memory
         args, env, cpus = self.specs[name]
-        return self.start(name, args, env, cpus)
+        return self.start(name, args, env, cpus), swept
 
     def reap_group(self, name: str, grace_s: float = 10.0) -> None:
         """End whatever is left in the process's group (its session: it was started with
@@ -135,8 +136,7 @@ class Supervisor:
             elif now >= self.due[name]:
                 del self.due[name]
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                proc = self.restart(name)
-                swept = self.shm_swept.get(name, [])
+                proc, swept = self.restart(name)
                 self._record(name, "restarted", None, self.restarts[name], 0.0, pid=proc.pid,
                              **({"shm_removed": swept} if swept else {}))
                 say(f"{name} restarted (pid {proc.pid})" + (f"; removed {len(swept)} shared-memory file(s) its "

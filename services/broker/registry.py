@@ -505,12 +505,18 @@ class AdapterRegistry:
         validate_name(name)
         versions = await self.redis.zrange(_k(name, ":versions"), 0, -1)
         pinned = {int(v) for v in await self.redis.smembers(_k(name, ":pinned"))}
-        records = []
-        if versions:
-            for v, js in zip(versions, await self.redis.mget([_k(name, f":v:{int(v)}") for v in versions]), strict=True):
-                if js is not None:
-                    records.append(AdapterVersion.from_json(js, int(v) in pinned))
-        return records, await self._latest(name)
+        return await self._records(name, versions, pinned), await self._latest(name)
+
+    async def _records(self, name: str, versions: list, pinned: set[int] = frozenset()) -> list[AdapterVersion]:
+        """The records of `versions` (members of the version set), in order; one retired in
+        between is left out."""
+        if not versions:
+            return []
+        out = []
+        for v, js in zip(versions, await self.redis.mget([_k(name, f":v:{int(v)}") for v in versions]), strict=True):
+            if js is not None:
+                out.append(AdapterVersion.from_json(js, int(v) in pinned))
+        return out
 
     @redis_errors_unavailable
     async def list_adapters(self) -> list[tuple[str, int, int, int]]:
@@ -633,11 +639,7 @@ class AdapterRegistry:
     async def _live_between(self, name: str, low: int, high: int) -> list[AdapterVersion]:
         """The live versions strictly between `low` and `high` (pinned ones, or ones still kept), in
         order: what a watcher behind the event stream's trim is sent in place of those events."""
-        versions = await self.redis.zrangebyscore(_k(name, ":versions"), f"({low}", f"({high}")
-        if not versions:
-            return []
-        records = await self.redis.mget([_k(name, f":v:{int(v)}") for v in versions])
-        return [AdapterVersion.from_json(js) for js in records if js is not None]
+        return await self._records(name, await self.redis.zrangebyscore(_k(name, ":versions"), f"({low}", f"({high}"))
 
     async def _retrying(self, fn, *args, **kwargs):
         deadline = asyncio.get_running_loop().time() + self.redis_cfg.retry_s

@@ -3,6 +3,7 @@ logic lives in services.broker.registry, the process in services.broker.app."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from loraloop.v1 import adapters_pb2 as pb
@@ -99,7 +100,7 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
             raise InvalidArgument("watch at least one adapter name")
         after = {w.name: w.after_version for w in request.adapters}
         if len(after) != len(request.adapters):
-            twice = sorted({w.name for w in request.adapters if sum(x.name == w.name for x in request.adapters) > 1})
+            twice = sorted(n for n, k in Counter(w.name for w in request.adapters).items() if k > 1)
             raise InvalidArgument(f"adapter named more than once in one watch: {', '.join(map(repr, twice))}")
         async for kind, record, live in self.registry.watch(after, include_staged=request.include_staged):
             yield pb.AdapterEvent(kind=pb.AdapterEvent.STAGED if kind == "staged" else pb.AdapterEvent.PUBLISHED,

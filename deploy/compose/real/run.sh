@@ -155,7 +155,9 @@ docker import --change 'WORKDIR /data' --change 'CMD ["redis-server"]' "$CACHE/r
 say "base images: $PY_BASE, $REDIS_BASE"
 
 # ------------------------------------------------------------------------- 4. pip sources for the builds
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# The project's free_port: below the kernel's ephemeral range, so nothing takes the port in the
+# minutes between this pick and the container's bind (the builds run in between).
+free_port() { PYTHONPATH="$ROOT" "$PY" -c 'from services.common.net import free_port; print(free_port())'; }
 mkdir -p "$SCRATCH/serve"
 # pip settings of this shell (PIP_FIND_LINKS=/opt/wheels here) name host paths the builds cannot
 # see: compose passes PIP_FIND_LINKS / PIP_CONSTRAINT to the builds, so only the ones set below.
