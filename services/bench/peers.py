@@ -15,6 +15,10 @@ reward has risen `--target-gain` above the mean of the first 20 steps; seconds f
 first step), final reward (mean of the last 5 steps), time from the command to the first step,
 and the peak resident memory of the side's whole process tree (sum over its processes,
 sampled every 0.5 s). The table shows ours/TRL for each, with the issue's goal.
+
+Then the rollout side's floor (services/bench/gen_floor.py): vLLM alone, offline and in one
+process, generating one batch of the workload on the cores the stack gives its engine. One
+replica generates every batch, so our step cannot beat it; printed beside TRL's whole step.
 """
 
 from __future__ import annotations
@@ -104,10 +108,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run ours at these max_staleness values, e.g. 0,1,2 (1 is the demo run): async vs sync")
     p.add_argument("--staleness-steps", type=int, default=0, help="steps of those extra runs (default --steps)")
     p.add_argument("--plot", type=Path, help="write reward against wall-clock time, both sides, to this PNG")
+    p.add_argument("--skip-floor", action="store_true",
+                   help="skip the rollout floor (vLLM's own offline generation of one batch on the engine's cores)")
+    p.add_argument("--floor-rounds", type=int, default=30, help="timed batches of the rollout floor")
     p.add_argument("--quick", action="store_true", help="a smoke run: 12 steps per side, venv build <= 300 s")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.venv_timeout = 12, min(a.venv_timeout, 300.0)
+        a.steps, a.venv_timeout, a.floor_rounds = 12, min(a.venv_timeout, 300.0), min(a.floor_rounds, 5)
     if a.steps < 2:
         p.error("--steps must be >= 2")
     try:
@@ -247,6 +254,25 @@ def run_ours(work: Path, model: Path, steps: int, staleness: int | None = None,
     return {"rows": rows, **out}
 
 
+def run_floor(work: Path, model: Path, workload: Workload, rounds: int) -> dict[str, Any]:
+    """The rollout side's floor (services/bench/gen_floor.py): vLLM alone, in one process, on the
+    cores the stack gives its engine, generating one batch of the workload."""
+    from services.stack_config import StackConfig
+
+    cmd = [sys.executable, "-m", "services.bench.gen_floor", f"--model={model}", f"--groups={workload.groups}",
+           f"--samples={SAMPLES}", f"--max-tokens={workload.max_tokens}", f"--rounds={rounds}",
+           f"--warmup={min(5, rounds)}", f"--cpu-bind={StackConfig().rollout_cpu_bind}",
+           f"--adapter-dir={work / f'gen-floor-adapter-{workload.shape}'}",
+           *(["--ignore-eos"] if workload.ignore_eos else [])]
+    print(f"rollout floor: {' '.join(cmd[2:])}", flush=True)
+    with (work / f"gen-floor-{workload.shape}.log").open("w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        return {"skipped": f"gen_floor exited {proc.returncode}; see {work / f'gen-floor-{workload.shape}.log'}"}
+    return json.loads(line)
+
+
 def run_peer(work: Path, model: Path, steps: int, threads: int, venv: Path | None,
              venv_timeout: float, workload: Workload = WORKLOADS["tiny"]) -> dict[str, Any]:
     from services.bench import peer_env
@@ -307,6 +333,17 @@ def report(res: dict[str, Any]) -> str:
                      f"{fmt(r, '.2f'):>10s}  {goals.get(key, '')}")
     o = res["loraloop"]
     lines.append(f"ours: {o.get('first_step_line', '')}; learner update median {o['update_s_median']:.3f} s")
+    fl = res.get("floor") or {}
+    if "median_s" in fl:
+        s_ours, s_trl = ours.get("s_per_step"), peer.get("s_per_step")
+        lines.append(f"rollout floor (vLLM alone, offline, in one process on core(s) {fl['cpu_bind']}): "
+                     f"{fl['median_s']:.3f} s per batch (p10 {fl['p10_s']:.3f}, p90 {fl['p90_s']:.3f}); "
+                     f"ours s/step / floor {fmt(ratio(s_ours, fl['median_s']), '.2f')}, "
+                     f"floor / TRL s/step {fmt(ratio(fl['median_s'], s_trl), '.2f')}"
+                     + (" (vLLM alone on the engine's cores is slower than TRL's whole step)"
+                        if isinstance(s_trl, float) and fl["median_s"] > s_trl else ""))
+    elif "skipped" in fl:
+        lines.append(f"rollout floor: skipped -- {fl['skipped']}")
     if "skipped" in res["trl"]:
         lines.append(f"TRL: skipped -- {res['trl']['skipped']}")
     else:
@@ -396,7 +433,8 @@ def main(argv: list[str]) -> int:
                              + (" (full length)" if w.ignore_eos else "")),
            "loraloop": {k: v for k, v in ours.items() if k != "rows"},
            "trl": {k: v for k, v in peer.items() if k != "rows"},
-           "comparison": compare(ours, peer, a.target_gain)}
+           "comparison": compare(ours, peer, a.target_gain),
+           "floor": {"skipped": "--skip-floor"} if a.skip_floor else run_floor(work, model, w, a.floor_rounds)}
     res["curves"] = {"loraloop": [[r["time"] - ours["rows"][0]["time"], r["reward/mean"]] for r in ours["rows"]],
                      "trl": [[r["time"] - peer["rows"][0]["time"], r["reward_mean"]] for r in peer.get("rows", [])]}
     text = report(res)

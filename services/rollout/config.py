@@ -23,6 +23,11 @@ class EngineConfig(Section):
     none = vLLM's default for the model length)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one engine shards the model over (vLLM's tensor_parallel_size; GPU builds)."""
+    executor: Literal["auto", "uni", "mp"] = "auto"
+    """Where vLLM runs the model (its distributed_executor_backend). "uni": inside the engine-core
+    process, beside the scheduler; "mp": in worker processes of their own. "auto": "uni" for a
+    CPU engine of one rank (vLLM's CPU build would pick "mp": a third process per replica, two
+    shared-memory round trips and a busy wait on each side per engine step), else vLLM's choice."""
     max_loras: int = Field(4, ge=1)
     """Different adapters in one batch at most (vLLM max_loras)."""
     max_cpu_loras: int = Field(16, ge=1)

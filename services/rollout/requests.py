@@ -30,6 +30,10 @@ def sampling_from_pb(p: pb.SamplingParams, default_max_tokens: int = DEFAULT_MAX
     )
 
 
+# Prompt tokens a response is decoded after (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
+_DECODE_CONTEXT = 5
+
+
 class TokenCodec:
     """Tokenizer of the base model (for text prompts) and its vocabulary size."""
 
@@ -41,6 +45,18 @@ class TokenCodec:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
+
+    def decode(self, ids, prompt_ids=()) -> str:
+        """The text vLLM makes of a response's `ids` (special tokens skipped), decoded once at the
+        end instead of token by token: like vLLM's detokenizer, in the context of the prompt's
+        last tokens, so that a first token's leading space comes out as it would there."""
+        ctx = list(prompt_ids[-_DECODE_CONTEXT:])
+        if ctx:
+            before = self.tokenizer.decode(ctx, skip_special_tokens=True)
+            whole = self.tokenizer.decode(ctx + list(ids), skip_special_tokens=True)
+            if whole.startswith(before):
+                return whole[len(before):]
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def check(self, ids: list[int], max_model_len: int, max_tokens: int) -> None:
         if not ids:

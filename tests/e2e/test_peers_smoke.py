@@ -26,6 +26,9 @@ def test_bench_peers_quick(tmp_path):
     assert "first step" in ours["first_step_line"]
     table = res["comparison"]["table"]
     assert "s/step (median)" in proc.stdout
+    floor = res["floor"]  # vLLM alone generating one batch: 5 timed rounds in --quick
+    assert floor["rounds"] == 5 and floor["sequences_per_batch"] == 256 and 0 < floor["median_s"] < 10
+    assert 256 <= floor["tokens_per_batch"] <= 256 * 3 and "rollout floor (vLLM alone" in proc.stdout
     if "skipped" in res["trl"]:
         print(f"TRL peer skipped: {res['trl']['skipped']}")
         assert "TRL: skipped" in proc.stdout and set(table) == {"loraloop"}

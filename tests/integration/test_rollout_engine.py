@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -244,3 +245,40 @@ def test_watch_adapters_reports_each_version_as_it_starts_serving(rollout_stack,
         assert generate(s.rollout.target, PROMPT, "watched", max_tokens=2).versions == {("watched", 2)}
     finally:
         watch.close()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_the_model_runs_in_the_engine_core_process(rollout_stack):
+    """engine.executor "auto" on the CPU build is "uni": vLLM's engine core runs the model itself,
+    with no worker process beside it (vLLM's CPU default adds one: two shared-memory round trips
+    and a busy wait per engine step), and its threads are bound as vLLM binds a worker's."""
+    s = rollout_stack
+    assert generate(s.rollout.target, PROMPT, max_tokens=2).tokens[0]
+    names = {p: _comm(p) for p in descendants(s.rollout.proc.pid)}
+    cores = [p for p, n in names.items() if n.startswith("VLLM::EngineCor")]
+    assert len(cores) == 1, names
+    assert not [n for n in names.values() if "Worker" in n], names
+    allowed = os.sched_getaffinity(cores[0])  # its main thread: the model's OpenMP master
+    machine = os.sched_getaffinity(0)
+    if len(machine) > 1:
+        assert allowed < machine, f"engine core not bound: may run on {sorted(allowed)}"
+
+
+def test_text_decoded_once_is_the_text_vllm_streams(rollout_stack):
+    """Leases ask vLLM for no text (it would also decode every log-prob's token) and decode each
+    response once (TokenCodec.decode). That text must be what vLLM's own detokenizer streams."""
+    from services.rollout.requests import TokenCodec
+
+    codec = TokenCodec(str(rollout_stack.model))
+    c = generate(rollout_stack.rollout.target, PROMPT, max_tokens=6, n=8, temperature=1.0)
+    for k in range(8):
+        streamed = "".join(m.text for m in c.msgs if m.index == k)
+        assert codec.decode(c.tokens[k], PROMPT) == streamed, (k, c.tokens[k])
+    assert any(codec.decode(t, PROMPT) for t in c.tokens)

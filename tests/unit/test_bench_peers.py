@@ -48,6 +48,14 @@ def test_compare_uses_one_target_for_both_sides() -> None:
     text = peers.report({"steps": 60, "comparison": c, "loraloop": {"update_s_median": 0.1},
                          "trl": {"skipped": "test"}})
     assert "2.91" in text and "TRL: skipped -- test" in text  # 10.2 s / 3.5 s
+    floor = {"median_s": 0.2, "p10_s": 0.18, "p90_s": 0.25, "cpu_bind": "0"}
+    text = peers.report({"steps": 60, "comparison": c, "loraloop": {"update_s_median": 0.1},
+                         "trl": {}, "floor": floor})
+    line = next(x for x in text.splitlines() if x.startswith("rollout floor"))
+    assert "0.200 s per batch" in line and "ours s/step / floor 1.50" in line and "floor / TRL s/step 2.00" in line
+    assert "slower than TRL's whole step" in line
+    assert "rollout floor: skipped -- x" in peers.report({"steps": 60, "comparison": c, "trl": {},
+                                                         "loraloop": {"update_s_median": 0.1}, "floor": {"skipped": "x"}})
 
 
 def test_compare_without_the_peer_has_our_side_only() -> None:
@@ -78,7 +86,7 @@ def test_tree_memory_counts_children() -> None:
 
 def test_arguments() -> None:
     a = peers.parse_args(["--quick"])
-    assert a.steps == 12 and a.venv_timeout <= 300
+    assert a.steps == 12 and a.venv_timeout <= 300 and a.floor_rounds == 5
     with pytest.raises(SystemExit):
         peers.parse_args(["--steps", "1"])
     out = subprocess.run([sys.executable, "-m", "services.cli", "bench", "peers", "--help"], capture_output=True,
