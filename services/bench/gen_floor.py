@@ -1,8 +1,8 @@
 """The rollout side's floor in `loraloop bench peers`: vLLM itself generating one training
 batch, with nothing of ours around it.
 
-vLLM's offline `LLM.generate` of the workload's batch (its prompts x samples x tokens, one LoRA
-adapter of the run's rank loaded, the sampled tokens' log-probs on, the stack's engine settings)
+vLLM's offline `LLM.generate` of the workload's batch (its prompts x samples x tokens, one rank-16
+LoRA adapter loaded, the sampled tokens' log-probs on, the stack's engine settings)
 on the cores the stack gives its engine, with the engine in this one process (no engine-core
 or worker process, no IPC: the least vLLM's CPU build spends on a batch). While one replica
 generates every batch, the stack's step cannot be shorter than this, whatever the learner does:
@@ -34,35 +34,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (vLLM's n)")
     p.add_argument("--max-tokens", type=int, default=3, help="new tokens per sample")
     p.add_argument("--ignore-eos", action="store_true", help="every response full length")
-    p.add_argument("--lora-rank", type=int, default=16, help="rank of the adapter loaded (alpha 2x rank, all-linear)")
     p.add_argument("--cpu-bind", default="0", help="the engine's cores (VLLM_CPU_OMP_THREADS_BIND), as the stack's")
     p.add_argument("--rounds", type=int, default=30, help="timed batches")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     p.add_argument("--adapter-dir", type=Path, default=None,
-                   help="where the adapter is written (default: <model>/../gen-floor-adapter-r<rank>)")
+                   help="where the adapter is written (default: <model>/../gen-floor-adapter)")
     a = p.parse_args(argv)
-    if min(a.groups, a.samples, a.max_tokens, a.rounds, a.lora_rank) < 1 or a.warmup < 0:
-        p.error("--groups, --samples, --max-tokens, --rounds and --lora-rank must be >= 1, --warmup >= 0")
+    if min(a.groups, a.samples, a.max_tokens, a.rounds) < 1 or a.warmup < 0:
+        p.error("--groups, --samples, --max-tokens and --rounds must be >= 1, --warmup >= 0")
     return a
 
 
-def make_adapter(model: Path, rank: int, out: Path) -> Path:
-    """A peft LoRA adapter (random B, so it changes the outputs) for `model`, written once."""
-    if (out / "adapter_config.json").is_file():
-        return out
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def adapter(model: Path, out_root: Path) -> Path:
+    """A random rank-16 all-linear LoRA adapter for `model` (the rollout bench's), written once."""
+    if not (out_root / "seed0" / "adapter_config.json").is_file():
+        from services.bench.rollout import make_adapters
 
-    torch.manual_seed(0)
-    m = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                       LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, t in m.named_parameters():
-            if "lora_B" in n:
-                t.normal_(0.0, 0.01)
-    m.save_pretrained(out)
-    return out
+        make_adapters(model, out_root, [0])
+    return out_root / "seed0"
 
 
 def prompts(model: Path, groups: int) -> list[list[int]]:
@@ -82,21 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = a.cpu_bind
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
-    adapter = make_adapter(a.model, a.lora_rank, a.adapter_dir or a.model.parent / f"gen-floor-adapter-r{a.lora_rank}")
+    lora_dir = adapter(a.model, a.adapter_dir or a.model.parent / "gen-floor-adapter")
     batch = [{"prompt_token_ids": ids} for ids in prompts(a.model, a.groups)]
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from services.bench import percentile
+    from services.bench.rollout import RANK
     from services.rollout.config import EngineConfig
 
     e = EngineConfig(model=str(a.model))  # the stack's engine settings
     llm = LLM(model=str(a.model), dtype=e.dtype, max_model_len=e.max_model_len,
               max_num_seqs=max(a.groups * a.samples, 1), enable_lora=True, max_loras=1,
-              max_lora_rank=max(a.lora_rank, 8), enforce_eager=True, logprobs_mode="processed_logprobs",
+              max_lora_rank=RANK, enforce_eager=True, logprobs_mode="processed_logprobs",
               enable_prefix_caching=e.enable_prefix_caching, seed=0, distributed_executor_backend="uni")
     sp = SamplingParams(n=a.samples, max_tokens=a.max_tokens, temperature=1.0, logprobs=0, ignore_eos=a.ignore_eos)
-    lora = LoRARequest("floor", 1, str(adapter))
+    lora = LoRARequest("floor", 1, str(lora_dir))
     times, tokens = [], 0
     for i in range(a.warmup + a.rounds):
         t0 = time.perf_counter()
@@ -105,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if i >= a.warmup:
             times.append(dt)
             tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    times.sort()
-    print(json.dumps({"median_s": statistics.median(times), "p10_s": times[len(times) // 10],
-                      "p90_s": times[(len(times) * 9) // 10], "rounds": a.rounds, "tokens_per_batch": tokens,
+    print(json.dumps({"median_s": statistics.median(times), "p10_s": percentile(times, 10),
+                      "p90_s": percentile(times, 90), "rounds": a.rounds, "tokens_per_batch": tokens,
                       "sequences_per_batch": a.groups * a.samples, "cpu_bind": a.cpu_bind,
                       "vllm": vllm.__version__}), flush=True)
     return 0

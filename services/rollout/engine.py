@@ -47,7 +47,12 @@ class Sampling:
     detokenize: bool = True
     """False: no text while generating (`SampleDelta.text` is ""; the caller decodes the ids once).
     vLLM then also skips decoding every log-prob's token to a string, which training never reads.
-    Stop strings need the text: with `stop` set, the text is made anyway."""
+    Stop strings need the text: with `stop` set, the text is made anyway (`makes_text`)."""
+
+    @property
+    def makes_text(self) -> bool:
+        """Whether vLLM detokenizes while generating (`SampleDelta.text` is set)."""
+        return self.detokenize or bool(self.stop)
 
 
 def _client_error() -> type[Exception]:
@@ -271,7 +276,7 @@ class Engine:
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
             max_tokens=s.max_tokens, stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
-            ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None, detokenize=s.detokenize or bool(s.stop),
+            ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None, detokenize=s.makes_text,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
 

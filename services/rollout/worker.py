@@ -220,7 +220,7 @@ class RolloutWorker:
                 m.generated_tokens.labels("training", label).inc(sum(len(d.token_ids) for d in outs))
                 samples = []
                 for d in sorted(outs, key=lambda d: d.index):
-                    text = d.text if sampling.stop else self.codec.decode(d.token_ids, ids)
+                    text = d.text if sampling.makes_text else self.codec.decode(d.token_ids, ids)
                     r = score(fn, g.data_source, text, g.ground_truth, g.extra_info)
                     samples.append(SampleRecord(
                         response_token_ids=tuple(d.token_ids), logprobs=tuple(d.logprobs), reward=r.score,
