@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from loraloop.v1 import rollout_pb2 as loraloop_dot_v1_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraloop/v1/learner.proto\x12\x0bloraloop.v1\x1a\x19loraloop/v1/rollout.proto\"5\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nmax_groups\x18\x02 \x01(\r\"\x92\x01\n\x0bPromptGroup\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x61ta_source\x18\x04 \x01(\t\x12\x14\n\x0cground_truth\x18\x05 \x01(\t\x12\x17\n\x0f\x65xtra_info_json\x18\x06 \x01(\t\"\xc5\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12(\n\x06groups\x18\x05 \x03(\x0b\x32\x18.loraloop.v1.PromptGroup\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.loraloop.v1.SamplingParams\x12\x11\n\treward_fn\x18\x07 \x01(\t\"]\n\rLeaseResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.loraloop.v1.Lease\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\xa9\x01\n\x06Sample\x12\x1a\n\x12response_token_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x1b\n\x13reward_details_json\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\x04\x12\x14\n\x0creward_error\x18\x07 \x01(\t\"\x8b\x01\n\x0fTrajectoryGroup\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x04 \x01(\t\x12$\n\x07samples\x18\x05 \x03(\x0b\x32\x13.loraloop.v1.Sample\"R\n\tSubmitAck\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\"\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x14.loraloop.v1.AckCode\x12\x0f\n\x07message\x18\x03 \x01(\t*d\n\x07\x41\x63kCode\x12\n\n\x06\x41\x43K_OK\x10\x00\x12\x18\n\x14\x41\x43K_INVALID_ARGUMENT\x10\x03\x12\x16\n\x12\x41\x43K_ALREADY_EXISTS\x10\x06\x12\x1b\n\x17\x41\x43K_FAILED_PRECONDITION\x10\t2\xa0\x01\n\x07Learner\x12\x45\n\x0cLeasePrompts\x12\x19.loraloop.v1.LeaseRequest\x1a\x1a.loraloop.v1.LeaseResponse\x12N\n\x12SubmitTrajectories\x12\x1c.loraloop.v1.TrajectoryGroup\x1a\x16.loraloop.v1.SubmitAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraloop/v1/learner.proto\x12\x0bloraloop.v1\x1a\x19loraloop/v1/rollout.proto\"F\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nmax_groups\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\x92\x01\n\x0bPromptGroup\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x61ta_source\x18\x04 \x01(\t\x12\x14\n\x0cground_truth\x18\x05 \x01(\t\x12\x17\n\x0f\x65xtra_info_json\x18\x06 \x01(\t\"\xc5\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x03\x12(\n\x06groups\x18\x05 \x03(\x0b\x32\x18.loraloop.v1.PromptGroup\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.loraloop.v1.SamplingParams\x12\x11\n\treward_fn\x18\x07 \x01(\t\"]\n\rLeaseResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.loraloop.v1.Lease\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\xa9\x01\n\x06Sample\x12\x1a\n\x12response_token_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x1b\n\x13reward_details_json\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\x04\x12\x14\n\x0creward_error\x18\x07 \x01(\t\"\x8b\x01\n\x0fTrajectoryGroup\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x04 \x01(\t\x12$\n\x07samples\x18\x05 \x03(\x0b\x32\x13.loraloop.v1.Sample\"R\n\tSubmitAck\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\"\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x14.loraloop.v1.AckCode\x12\x0f\n\x07message\x18\x03 \x01(\t*d\n\x07\x41\x63kCode\x12\n\n\x06\x41\x43K_OK\x10\x00\x12\x18\n\x14\x41\x43K_INVALID_ARGUMENT\x10\x03\x12\x16\n\x12\x41\x43K_ALREADY_EXISTS\x10\x06\x12\x1b\n\x17\x41\x43K_FAILED_PRECONDITION\x10\t2\xa0\x01\n\x07Learner\x12\x45\n\x0cLeasePrompts\x12\x19.loraloop.v1.LeaseRequest\x1a\x1a.loraloop.v1.LeaseResponse\x12N\n\x12SubmitTrajectories\x12\x1c.loraloop.v1.TrajectoryGroup\x1a\x16.loraloop.v1.SubmitAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraloop.v1.learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKCODE']._serialized_start=966
-  _globals['_ACKCODE']._serialized_end=1066
+  _globals['_ACKCODE']._serialized_start=983
+  _globals['_ACKCODE']._serialized_end=1083
   _globals['_LEASEREQUEST']._serialized_start=69
-  _globals['_LEASEREQUEST']._serialized_end=122
-  _globals['_PROMPTGROUP']._serialized_start=125
-  _globals['_PROMPTGROUP']._serialized_end=271
-  _globals['_LEASE']._serialized_start=274
-  _globals['_LEASE']._serialized_end=471
-  _globals['_LEASERESPONSE']._serialized_start=473
-  _globals['_LEASERESPONSE']._serialized_end=566
-  _globals['_SAMPLE']._serialized_start=569
-  _globals['_SAMPLE']._serialized_end=738
-  _globals['_TRAJECTORYGROUP']._serialized_start=741
-  _globals['_TRAJECTORYGROUP']._serialized_end=880
-  _globals['_SUBMITACK']._serialized_start=882
-  _globals['_SUBMITACK']._serialized_end=964
-  _globals['_LEARNER']._serialized_start=1069
-  _globals['_LEARNER']._serialized_end=1229
+  _globals['_LEASEREQUEST']._serialized_end=139
+  _globals['_PROMPTGROUP']._serialized_start=142
+  _globals['_PROMPTGROUP']._serialized_end=288
+  _globals['_LEASE']._serialized_start=291
+  _globals['_LEASE']._serialized_end=488
+  _globals['_LEASERESPONSE']._serialized_start=490
+  _globals['_LEASERESPONSE']._serialized_end=583
+  _globals['_SAMPLE']._serialized_start=586
+  _globals['_SAMPLE']._serialized_end=755
+  _globals['_TRAJECTORYGROUP']._serialized_start=758
+  _globals['_TRAJECTORYGROUP']._serialized_end=897
+  _globals['_SUBMITACK']._serialized_start=899
+  _globals['_SUBMITACK']._serialized_end=981
+  _globals['_LEARNER']._serialized_start=1086
+  _globals['_LEARNER']._serialized_end=1246
 # @@protoc_insertion_point(module_scope)

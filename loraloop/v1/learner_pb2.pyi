@@ -58,19 +58,27 @@ class LeaseRequest(_message.Message):
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
     MAX_GROUPS_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the rollout worker (for logs and lease accounting)."""
     max_groups: _builtins.int
     """Groups wanted at most."""
+    wait_ms: _builtins.int
+    """With no work to hand out now, the learner may hold the call up to this long (capped by
+    the learner, and by the call's deadline) and answer the moment work appears: a long
+    poll, so a rollout starts the next batch when the learner frees it, not after a sleep.
+    0 answers at once.
+    """
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
         max_groups: _builtins.int = ...,
+        wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_groups", b"max_groups", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_groups", b"max_groups", "wait_ms", b"wait_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -144,6 +144,7 @@ class Coordinator:
             log.warning("validation of step %d skipped: the round before it is still out", step)
         elif due:
             self.changed.set()
+            self.servicer.notify()
 
     def start_service(self) -> int:
         port = self.service.start()

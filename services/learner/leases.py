@@ -62,6 +62,21 @@ def _locked(fn: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
+
+def _changes(fn: F) -> F:
+    """`_locked`, then tell the listeners (`LeaseTable.subscribe`) that a lease may now be
+    possible where it was not, after the lock is released."""
+    locked = _locked(fn)
+
+    @functools.wraps(fn)
+    def wrapper(self: LeaseTable, *args: Any, **kwargs: Any) -> Any:
+        out = locked(self, *args, **kwargs)
+        for listener in self._listeners:
+            listener()
+        return out
+
+    return wrapper  # type: ignore[return-value]
+
 # ---------------------------------------------------------------------------- table
 
 
@@ -109,10 +124,18 @@ class LeaseTable:
         self._buffer: list[tuple[GroupSpec, TrajectoryGroupRecord]] = []
         self._accepted: set[str] = set()
         self._counters: Counter[str] = Counter()
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change that can make a refused lease possible (groups
+        added, accepted or refused, a batch taken, a new version, leases expired), on the
+        thread that made it: it must be quick and thread-safe. The lease service uses it to
+        answer a waiting LeasePrompts (a long poll) the moment work appears."""
+        self._listeners.append(listener)
 
     # -- feeding and versions
 
-    @_locked
+    @_changes
     def add(self, prompt_uid: str, prompt_token_ids: Sequence[int], prompt_text: str = "",
             data_source: str = "", ground_truth: str = "",
             extra_info: dict[str, Any] | None = None) -> GroupSpec:
@@ -131,7 +154,7 @@ class LeaseTable:
         fresh = sum(not g.holds_slot for g in self._live.values())
         return max(0, self._free_slots() - fresh)
 
-    @_locked
+    @_changes
     def set_version(self, version: int) -> None:
         """The learner published `version`. Buffered groups now too stale are dropped and
         their prompts queued again under new group ids."""
@@ -162,24 +185,27 @@ class LeaseTable:
                    - self._slots_held())
 
     @_locked
-    def lease(self, worker_id: str, max_groups: int = 0, now: float | None = None) -> Lease | Refusal:
+    def lease(self, worker_id: str, max_groups: int = 0, now: float | None = None,
+              count_refusal: bool = True) -> Lease | Refusal:
         """Up to `max_groups` (0: the configured cap) groups: expired or refused ones first,
         then new ones as rule 2 allows; or, when there is nothing to hand out, a Refusal that
-        says why and when to retry."""
+        says why and when to retry (counted in `stats` unless `count_refusal` is False: a
+        long poll looks many times and counts the answer it gives)."""
         now = self.clock() if now is None else now
+        refuse = self._refuse if count_refusal else (lambda reason: Refusal(reason, self.retry_after_ms))
         want = min(max_groups or self.max_groups_per_lease, self.max_groups_per_lease)
         if self.adapter_name and self.version < 1:
-            return self._refuse(RefusalReason.NO_ADAPTER_VERSION)
+            return refuse(RefusalReason.NO_ADAPTER_VERSION)
         if len(self._buffer) >= self.max_buffered:
-            return self._refuse(RefusalReason.BACKPRESSURE)
+            return refuse(RefusalReason.BACKPRESSURE)
         if self._taken_at_version > self.max_staleness:
-            return self._refuse(RefusalReason.STALENESS)
+            return refuse(RefusalReason.STALENESS)
         free = [g for g in self._live.values() if g.lease_id is None or g.deadline <= now]
         again = [g for g in free if g.holds_slot][:want]
         fresh = [g for g in free if not g.holds_slot][: min(want - len(again), self._free_slots())]
         if not again and not fresh:
             blocked = any(not g.holds_slot for g in free)
-            return self._refuse(RefusalReason.STALENESS if blocked else RefusalReason.NOTHING_PENDING)
+            return refuse(RefusalReason.STALENESS if blocked else RefusalReason.NOTHING_PENDING)
         self._lease_seq += 1
         lease_id = f"{self._id_prefix}-{self._lease_seq}"
         min_version = self.version
@@ -199,7 +225,7 @@ class LeaseTable:
 
     # -- accepting
 
-    @_locked
+    @_changes
     def accept(self, group: TrajectoryGroupRecord, now: float | None = None) -> AcceptResult:
         """Check one returned group and buffer it for the trainer, or say why not.
 
@@ -253,7 +279,7 @@ class LeaseTable:
 
     # -- the trainer's side
 
-    @_locked
+    @_changes
     def take_batch(self, num_groups: int | None = None) -> list[TrajectoryGroupRecord] | None:
         """The oldest `num_groups` (default groups_per_batch) accepted groups, in arrival
         order, or None (nothing taken) while fewer are buffered."""
@@ -289,7 +315,7 @@ class LeaseTable:
             "counters": dict(self._counters),
         }
 
-    @_locked
+    @_changes
     def expire_leases(self) -> int:
         """End every outstanding lease now (a restarted learner cannot know whether those
         workers are still at it): their groups are leased again first, in their order.
@@ -300,7 +326,7 @@ class LeaseTable:
                 g.deadline, n = 0.0, n + 1
         return n
 
-    @_locked
+    @_changes
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version, self._taken_at_version = int(state["version"]), int(state["taken_at_version"])
         self._seq, self._lease_seq = int(state["seq"]), int(state["lease_seq"])

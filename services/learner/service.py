@@ -4,6 +4,8 @@ share the LeaseTable, which keeps its own lock."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -16,6 +18,11 @@ from services.learner.validation import Validator
 
 log = logging.getLogger(__name__)
 SERVICE = "loraloop.v1.Learner"
+# The longest a LeasePrompts with nothing to hand out is held (LeaseRequest.wait_ms asks for
+# up to this), and how often a held one looks again for leases whose deadline passed (no
+# event marks that).
+MAX_LEASE_WAIT_S = 5.0
+_RECHECK_S = 0.25
 ROLES_OF_METHOD = {f"/{SERVICE}/LeasePrompts": frozenset({"rollout", "learner"}),
                    f"/{SERVICE}/SubmitTrajectories": frozenset({"rollout", "learner"})}
 
@@ -28,9 +35,51 @@ class LearnerServicer(pb_grpc.LearnerServicer):
         self.table, self.sampling, self.reward_fn = table, sampling, reward_fn
         self.on_change = on_change
         self.validator = validator
-        self.finished = False
+        self._finished = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()  # set, then replaced, at every change: see notify()
+        table.subscribe(self.notify)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self._finished = value
+        self.notify()
+
+    def notify(self) -> None:
+        """Something changed that may let a waiting LeasePrompts through (the table, a
+        validation round, the end of training). Any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def LeasePrompts(self, request: pb.LeaseRequest, context) -> pb.LeaseResponse:
+        """Leases, or with none to hand out, a refusal after up to `request.wait_ms` (a long
+        poll: the answer comes as soon as the table changes and a lease is possible)."""
+        loop = self._loop = asyncio.get_running_loop()
+        wait_s = min(request.wait_ms / 1000, MAX_LEASE_WAIT_S)
+        left = context.time_remaining() if context is not None else None
+        if left is not None:  # answer before the caller's deadline, with room for the reply
+            wait_s = min(wait_s, max(0.0, left - 1.0))
+        until = loop.time() + wait_s
+        while True:
+            changed = self._changed  # taken before looking: a change after the look sets it
+            last = loop.time() >= until
+            answer = self._lease_once(request, count_refusal=last)
+            if answer.leases or answer.finished or last:
+                return answer
+            now = loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(until - now, _RECHECK_S))
+
+    def _lease_once(self, request: pb.LeaseRequest, count_refusal: bool) -> pb.LeaseResponse:
         if self.finished:
             return pb.LeaseResponse(finished=True)
         if self.validator is not None:
@@ -38,7 +87,8 @@ class LearnerServicer(pb_grpc.LearnerServicer):
             if val is not None:
                 lease, sampling = val
                 return pb.LeaseResponse(leases=[lease.to_pb(sampling, self.reward_fn)])
-        answer = self.table.lease(request.worker_id or "anonymous", request.max_groups)
+        answer = self.table.lease(request.worker_id or "anonymous", request.max_groups,
+                                  count_refusal=count_refusal)
         if not isinstance(answer, Lease):
             return answer.to_pb()
         self.on_change()

@@ -121,6 +121,10 @@ class RolloutConfig(Section):
     leases_in_flight: int = Field(2, ge=1)
     """Leases generated concurrently by the training loop, over all learners: while several want
     more, each gets a share in proportion to its weight; one alone may use them all."""
+    lease_wait_ms: int = Field(1000, ge=0, le=5000)
+    """With no work at the learner, how long it may hold a lease request before saying so (a
+    long poll): the next batch starts the moment the learner frees it, instead of after a
+    retry sleep. 0 = ask, and sleep the learner's retry_after_ms when refused."""
     priority: PriorityConfig = PriorityConfig()
     """Training vs users in the engine's queue (engine.scheduling_policy = "priority")."""
     generate_max_concurrent: int = Field(512, ge=1)

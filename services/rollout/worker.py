@@ -135,6 +135,9 @@ class RolloutWorker:
         finally:
             log.info("rollout worker done: %s", json.dumps({"learner": self.learner, **self.stats}))
 
+    def _lease_wait_ms(self) -> int:
+        return self.cfg.lease_wait_ms if self.cfg is not None else 0
+
     async def _run(self) -> None:
         slots, me = self.slots, self.learner
         assert slots is not None
@@ -145,9 +148,11 @@ class RolloutWorker:
             delay = 0.2
             while True:
                 await slots.acquire(me)
+                asked = time.monotonic()
                 try:
-                    resp = await stub.LeasePrompts(lpb.LeaseRequest(worker_id=self.worker_id, max_groups=8),
-                                                   timeout=30, metadata=self.metadata)
+                    resp = await stub.LeasePrompts(
+                        lpb.LeaseRequest(worker_id=self.worker_id, max_groups=8, wait_ms=self._lease_wait_ms()),
+                        timeout=30, metadata=self.metadata)
                 except grpc.aio.AioRpcError as e:
                     slots.release(me)
                     if e.code() not in _RETRY:
@@ -166,7 +171,11 @@ class RolloutWorker:
                     return
                 if not resp.leases:
                     slots.release(me)
-                    await asyncio.sleep(max(resp.retry_after_ms, 50) / 1000)
+                    # retry_after counts from the question: after a long poll that ran its
+                    # course, ask again at once (a learner without long polls answers at once,
+                    # and is asked again after its retry_after, as before).
+                    waited = time.monotonic() - asked
+                    await asyncio.sleep(max(max(resp.retry_after_ms, 50) / 1000 - waited, 0.0))
                     continue
                 leases = [Lease.from_pb(m, self.worker_id) for m in resp.leases]
                 for lease in leases:
