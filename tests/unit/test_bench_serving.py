@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from services.bench.serving import merge_rounds, parse_args, zipf_picker
+from services.bench.serving import merge_rounds, parse_args, report, zipf_picker
 
 
 def _round(tok_s: float, p50: float | None, failed: int = 0) -> dict:
@@ -33,6 +33,30 @@ def test_arguments():
     a = parse_args(["--quick"])
     assert (a.models, a.zipf_models, a.rounds, a.clients) == (["tiny"], ["tiny"], 1, 8)
     a = parse_args(["--models", "25m,0.5b", "--zipf-models", ""])
-    assert a.models == ["25m", "0.5b"] and a.zipf_models == [] and a.rounds == 2
+    assert a.models == ["25m", "0.5b"] and a.zipf_models == [] and a.rounds == 2 and a.max_loras == 8
     with pytest.raises(SystemExit):
         parse_args(["--models", "7b"])
+
+
+def _cond(tok_s: float, batch: float, clients: int | None = None) -> dict:
+    out = {**merge_rounds([_round(tok_s, 100.0)]), "batch_mean": batch}
+    return out if clients is None else {**out, "clients": clients}
+
+
+def test_report_names_the_batch_max_loras_leaves_and_the_ceiling_it_sets():
+    ours = {"0": _cond(400, 31.0), "1": _cond(400, 31.0), "8": _cond(380, 30.0), "32": _cond(180, 8.6),
+            "ceiling": _cond(200, 8.9, clients=9)}
+    vllm = {"0": _cond(390, 31.0), "1": _cond(390, 31.0), "8": _cond(360, 30.0), "32": _cond(120, 8.4),
+            "ceiling": _cond(195, 8.7, clients=8)}
+    ratios = {"8_over_1": 0.95, "32_over_1": 0.45, "vllm_8_over_1": 0.92, "vllm_32_over_1": 0.31,
+              "ceiling_over_1": 0.5, "32_over_ceiling": 0.9, "vllm_ceiling_over_1": 0.5, "vllm_32_over_ceiling": 0.62,
+              **{f"ours_over_vllm_tok_s@{c}": 1.0 for c in (0, 1, 8, 32)},
+              **{f"ttft_p50_ours_over_vllm@{c}": 1.0 for c in (0, 1, 8, 32)}}
+    text = report({"clients": 32, "seconds": 15, "tokens": 16, "rounds": 1, "max_loras": 8, "zipf": [],
+                   "compare": [{"model": "25m", "ours": ours, "vllm": vllm, "ratios": ratios}]})
+    assert "32/1 0.45 MISSED" in text
+    assert "32 adapters 8.6 / 8.4" in text and "(9 / 8 clients)" in text
+    assert "0.50 / 0.50 of one adapter at 32 clients" in text and "32 adapters / that: 0.90 ok / 0.62" in text
+    ratios["32_over_ceiling"] = 0.7
+    assert "that: 0.70 MISSED" in report({"clients": 32, "seconds": 15, "tokens": 16, "zipf": [], "compare": [
+        {"model": "25m", "ours": ours, "vllm": vllm, "ratios": ratios}]})
