@@ -522,6 +522,23 @@ def replica_start(log_path: Path) -> tuple[float, float] | None:
     return (float(m.group(1)), float(m.group(2))) if m else None
 
 
+FIRST_STEP_GOAL_S = 5.0  # issue 17: the first step within the replica's own start + 5 s
+
+
+def first_step_line(first_s: float, replica: tuple[float, float] | None, replica_started_s: float) -> str:
+    """The time to the first step beside the replica's own start (engine ready, from its log,
+    and when its process started, both from the command): what the rest of the stack added."""
+    line = f"first step {first_s:.1f} s after the command"
+    if replica is None:
+        return line
+    ready_s = replica_started_s + replica[0]
+    extra = first_s - ready_s
+    return (f"{line} (rollout-0: engine ready {replica[0]:.1f} s after its process started "
+            f"{replica_started_s:.1f} s after the command, vLLM's engine start {replica[1]:.1f} s of it; "
+            f"{extra:+.1f} s after that, goal <= {FIRST_STEP_GOAL_S:.0f} s: "
+            f"{'ok' if extra <= FIRST_STEP_GOAL_S else 'MISSED'})")
+
+
 def follow_progress(st: Stack, t0: float | None = None) -> None:
     """A progress bar per run from its learner's metrics; replaces dead rollout replicas;
     returns when every learner has finished. With `t0` (the command's start, monotonic), the
@@ -541,10 +558,8 @@ def follow_progress(st: Stack, t0: float | None = None) -> None:
                 bar = bars[r.proc]
                 for row in tails[r.proc].rows():
                     if t0 is not None and not any(done.values()):
-                        rs = replica_start(st.sup.log_dir / "rollout-0.log")
-                        tqdm.write(f"first step {time.monotonic() - t0:.1f} s after the command"
-                                   + (f" (rollout-0: engine ready {rs[0]:.1f} s after its process started, "
-                                      f"vLLM's engine start {rs[1]:.1f} s of it)" if rs else ""))
+                        tqdm.write(first_step_line(time.monotonic() - t0, replica_start(
+                            st.sup.log_dir / "rollout-0.log"), st.sup.started.get("rollout-0", t0) - t0))
                     bar.n = done[r.proc] = row["step"]
                     post = {"v": row["policy_version"], "reward": f"{row['reward/mean']:.3f}",
                             "tok/s": f"{row.get('perf/tokens_per_s', 0):.0f}",

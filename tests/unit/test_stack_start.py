@@ -8,7 +8,7 @@ import time
 import pytest
 
 from services.rollout.app import process_age_s
-from services.stack import replica_start
+from services.stack import first_step_line, replica_start
 
 
 def test_replica_start_reads_what_the_replica_logged(tmp_path) -> None:
@@ -27,3 +27,12 @@ def test_process_age_grows_with_the_process() -> None:
     time.sleep(0.3)
     b = process_age_s()
     assert a is not None and b is not None and 0 <= a < b and b - a == pytest.approx(0.3, abs=0.1)
+
+
+def test_the_first_step_line_says_what_the_stack_added_to_the_replicas_start() -> None:
+    line = first_step_line(42.5, (40.1, 22.0), 0.3)
+    assert line.startswith("first step 42.5 s after the command (rollout-0: engine ready 40.1 s after its process "
+                           "started 0.3 s after the command, vLLM's engine start 22.0 s of it; +2.1 s after that")
+    assert line.endswith("goal <= 5 s: ok)")
+    assert first_step_line(48.8, (34.1, 19.0), 0.2).endswith("+14.5 s after that, goal <= 5 s: MISSED)")
+    assert first_step_line(3.0, None, 0.1) == "first step 3.0 s after the command"
