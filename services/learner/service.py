@@ -54,7 +54,8 @@ class LearnerServicer(pb_grpc.LearnerServicer):
         validation round, the end of training). Any thread."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake)
+            with contextlib.suppress(RuntimeError):  # closed since: nobody is waiting any more
+                loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
