@@ -511,15 +511,16 @@ def val_line(row: dict) -> str:
 
 def replica_start(log_path: Path) -> tuple[float, float] | None:
     """(seconds from the replica's process start to its engine being ready, seconds of that in
-    vLLM's engine start), as the replica logged them; None before that."""
+    vLLM's engine start), as the replica logged them last (a run dir used again appends to its
+    logs: the first such line can be an earlier run's); None before that."""
     import re
 
     try:
-        m = re.search(r"engine ready ([0-9.]+) s after the process started \(vLLM engine ([0-9.]+) s\)",
-                      log_path.read_text(errors="replace"))
+        found = re.findall(r"engine ready ([0-9.]+) s after the process started \(vLLM engine ([0-9.]+) s\)",
+                           log_path.read_text(errors="replace"))
     except OSError:
         return None
-    return (float(m.group(1)), float(m.group(2))) if m else None
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
 
 
 FIRST_STEP_GOAL_S = 5.0  # issue 17: the first step within the replica's own start + 5 s

@@ -17,6 +17,10 @@ def test_replica_start_reads_what_the_replica_logged(tmp_path) -> None:
     log.write_text("INFO vllm ...\n2026-12-07 05:15:03 INFO rollout services.rollout.app: engine ready 27.4 s "
                    "after the process started (vLLM engine 18.6 s)\n")
     assert replica_start(log) == (27.4, 18.6)
+    with open(log, "a") as f:  # the same run dir, used again: the line of this run comes last
+        f.write("2026-12-08 04:55:00 INFO rollout services.rollout.app: engine ready 39.2 s after the process "
+                "started (vLLM engine 20.6 s)\n")
+    assert replica_start(log) == (39.2, 20.6)
     log.write_text("engine started for /m in 18.6 s\n")
     assert replica_start(log) is None
 
